@@ -1,0 +1,103 @@
+//! The seams between ferryfs's logic and the world: journal storage and the backing tree.
+//! `os/` implements them for real, `sim/` in memory with seeded faults; everything above
+//! (journal, replay, passthrough) is written against these traits only.
+
+use std::io;
+
+use crate::format::ops::{NodeKind, SetAttr};
+use crate::types::Handle;
+
+/// Where a journal lives: its superblock, its segment files and its id-table snapshot.
+///
+/// Durability contract an implementation must keep:
+/// - `SegmentFile::write` lands in memory only (a page cache / a mapping); it is durable only
+///   after a `flush` that covers it returns.
+/// - `write_superblock` and `write_file_atomic` are durable when they return; a crash during
+///   them leaves either the old or the new content (the superblock may tear inside its slot,
+///   which its two-slot format survives).
+pub trait Storage: Send + Sync + 'static {
+    type Segment: SegmentFile;
+    /// Opens segment file `index`, creating and preallocating it (zero-filled) to `size`
+    /// bytes when `create` is set and it does not exist.
+    fn open_segment(&self, index: u32, size: u64, create: bool) -> io::Result<Self::Segment>;
+    /// The number of segment files that exist (`seg-00000000` … contiguous from 0).
+    fn segment_count(&self) -> io::Result<u32>;
+    /// The whole superblock file, or `None` when there is none.
+    fn read_superblock(&self) -> io::Result<Option<Vec<u8>>>;
+    /// Writes `slot` at `offset` in the superblock file and makes it durable.
+    fn write_superblock(&self, offset: usize, slot: &[u8]) -> io::Result<()>;
+    /// Reads a small side file (the id table), `None` when it does not exist.
+    fn read_file(&self, name: &str) -> io::Result<Option<Vec<u8>>>;
+    /// Replaces a small side file atomically and durably.
+    fn write_file_atomic(&self, name: &str, data: &[u8]) -> io::Result<()>;
+}
+
+/// One preallocated segment file of fixed size, mapped or simulated.
+pub trait SegmentFile: Send + Sync + 'static {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `parts` one after another to `offset`. The caller serializes writers and never
+    /// lets a write overlap a range another thread is reading.
+    fn write(&self, offset: usize, parts: &[&[u8]]);
+    /// Copies `len` bytes at `offset` into `out`.
+    fn read(&self, offset: usize, out: &mut [u8]);
+    /// Makes `[offset, offset + len)` durable.
+    fn flush(&self, offset: usize, len: usize) -> io::Result<()>;
+}
+
+/// A new object's description, as a `Create` op carries it.
+#[derive(Clone, Copy, Debug)]
+pub struct NewNode<'a> {
+    pub kind: NodeKind,
+    /// Permission bits and suid/sgid/sticky (the type bits are ignored).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    /// The target of a symlink; empty otherwise.
+    pub target: &'a [u8],
+}
+
+/// The backing directory, as the journal's redo and the live path mutate it.
+///
+/// Every object is reached from an open `Node` (for the real tree an `O_PATH` fd) and a
+/// single name component, never a path, and never by following a symlink, so nothing outside
+/// the tree can be touched. Errors are the OS's errno as `io::Error`.
+pub trait Tree: Send + Sync + 'static {
+    type Node: Send + Sync + 'static;
+
+    fn root(&self) -> io::Result<Self::Node>;
+    /// Reopens an object from its persistent handle; `ESTALE`/`ENOENT` when it is gone.
+    fn open_handle(&self, handle: &Handle) -> io::Result<Self::Node>;
+    /// The persistent handle of an object (includes the inode generation).
+    fn handle_of(&self, node: &Self::Node) -> io::Result<Handle>;
+    /// The object `name` in `dir`, without following a final symlink.
+    fn lookup(&self, dir: &Self::Node, name: &[u8]) -> io::Result<Self::Node>;
+    /// Makes `name` in `dir`; fails with `EEXIST` when it exists. Owner and mode are set
+    /// exactly as given (including suid/sgid bits, which a chown would clear).
+    fn create(&self, dir: &Self::Node, name: &[u8], new: &NewNode<'_>) -> io::Result<Self::Node>;
+    /// Adds the name `name` in `dir` for `node` (a hard link).
+    fn link(&self, node: &Self::Node, dir: &Self::Node, name: &[u8]) -> io::Result<()>;
+    /// Removes `name` from `dir` (`rmdir` when `is_dir`).
+    fn unlink(&self, dir: &Self::Node, name: &[u8], is_dir: bool) -> io::Result<()>;
+    /// `renameat2` with its flags (RENAME_NOREPLACE = 1, RENAME_EXCHANGE = 2).
+    fn rename(
+        &self,
+        dir: &Self::Node,
+        name: &[u8],
+        new_dir: &Self::Node,
+        new_name: &[u8],
+        flags: u32,
+    ) -> io::Result<()>;
+    /// Applies the given attributes (size = truncate; times are absolute).
+    fn set_attr(&self, node: &Self::Node, attr: &SetAttr) -> io::Result<()>;
+    /// Writes `data` at `offset` of a regular file.
+    fn write(&self, node: &Self::Node, offset: u64, data: &[u8]) -> io::Result<()>;
+    fn set_xattr(&self, node: &Self::Node, name: &[u8], value: &[u8], flags: u32) -> io::Result<()>;
+    fn remove_xattr(&self, node: &Self::Node, name: &[u8]) -> io::Result<()>;
+    fn fallocate(&self, node: &Self::Node, mode: u32, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes everything applied so far durable (syncfs of the backing filesystem).
+    fn sync_all(&self) -> io::Result<()>;
+}

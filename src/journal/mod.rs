@@ -1,0 +1,25 @@
+//! The write-ahead journal: preallocated segments used round-robin, a superblock holding the
+//! start of the log (the checkpoint), group commit, and recovery (docs/FORMAT.md).
+//!
+//! Knows nothing of FUSE or the network: it appends records, makes them durable, scans them
+//! back and frees log space once a checkpoint covers it (claims 000:3, 5, 6).
+
+mod error;
+pub mod reader;
+pub mod replay;
+mod writer;
+
+pub use error::JournalError;
+pub use writer::{Journal, JournalGeometry, Position};
+
+use crate::format::superblock::Superblock;
+use crate::io::Storage;
+
+/// Reads and decodes the superblock; the journal is unusable without one.
+pub fn read_superblock<S: Storage>(storage: &S) -> Result<Superblock, JournalError> {
+    let bytes = storage
+        .read_superblock()
+        .map_err(|e| JournalError::Io("reading the superblock".into(), e))?
+        .ok_or(JournalError::NoSuperblock)?;
+    Ok(Superblock::decode_file(&bytes)?)
+}

@@ -1,0 +1,323 @@
+//! Redo: re-applies every transaction past the checkpoint to the backing tree (design §1).
+//!
+//! The rule for transactions, documented in docs/FORMAT.md ("Replay"):
+//! - a `Write` is redone unless an `Abort` for it follows;
+//! - an `Op` with a `Commit` is redone (its effect may not have reached the synced backing);
+//! - an `Op` with an `Abort` is skipped (it failed on the primary, with that errno);
+//! - an `Op` with no outcome (the crash came between intent and outcome; the client never got
+//!   a reply) is redone; if the redo fails it is counted as aborted.
+//!
+//! Every redo checks, by file id and single name component, whether its effect is already
+//! there, so replaying twice equals replaying once, and replaying from a backing directory
+//! that is ahead of the checkpoint converges to the same state.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+
+use super::error::JournalError;
+use super::reader::{self, EndKind, ScanEnd};
+use crate::format::ids::IdSnapshot;
+use crate::format::ops::Op;
+use crate::format::record::{self, Kind};
+use crate::format::superblock::Superblock;
+use crate::io::{NewNode, Storage, Tree};
+use crate::types::{FileId, Handle, TxId};
+
+pub const IDS_FILE: &str = "ids";
+
+/// What a replay did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub from_lsn: u64,
+    pub records: u64,
+    pub bytes: u64,
+    /// Transactions redone (writes and ops).
+    pub redone: u64,
+    /// Of those, ops that had no outcome record (incomplete at the crash).
+    pub incomplete: u64,
+    /// Transactions skipped because they had an `Abort` record.
+    pub aborted: u64,
+    /// Redo attempts that failed (object gone, name taken …), with the reason.
+    pub failed: Vec<String>,
+    /// Redo attempts that found their effect already there.
+    pub already: u64,
+    pub end: Option<ScanEnd>,
+    pub next_file_id: u64,
+}
+
+impl ReplayReport {
+    pub fn end_is_corrupt(&self) -> bool {
+        matches!(self.end.as_ref().map(|e| &e.kind), Some(EndKind::Corrupt(_)))
+    }
+}
+
+/// The file-id → handle table as replay rebuilds it: the checkpoint's snapshot plus binds.
+#[derive(Default)]
+pub struct IdMap {
+    pub map: HashMap<FileId, Handle>,
+    pub next_file_id: FileId,
+}
+
+impl IdMap {
+    pub fn load<S: Storage>(storage: &S) -> Result<IdMap, JournalError> {
+        let bytes = storage.read_file(IDS_FILE).map_err(|e| JournalError::Io("reading the id table".into(), e))?;
+        let snap = match bytes {
+            Some(b) => IdSnapshot::decode(&b).map_err(|e| JournalError::Corrupt(format!("id table file `{IDS_FILE}`: {e}")))?,
+            None => IdSnapshot::default(),
+        };
+        let mut m = IdMap { map: snap.entries.into_iter().collect(), next_file_id: snap.next_file_id };
+        m.next_file_id = m.next_file_id.max(FileId::FIRST_FREE);
+        Ok(m)
+    }
+
+    pub fn snapshot(&self) -> IdSnapshot {
+        let mut entries: Vec<_> = self.map.iter().map(|(k, v)| (*k, v.clone())).collect();
+        entries.sort();
+        IdSnapshot { next_file_id: self.next_file_id, entries }
+    }
+
+    fn bind(&mut self, id: FileId, h: Handle) {
+        self.map.insert(id, h);
+        if id.0 >= self.next_file_id.0 {
+            self.next_file_id = FileId(id.0 + 1);
+        }
+    }
+}
+
+/// Progress callback: (bytes of log done, bytes of log in all).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Replays the journal in `storage` onto `tree`. With `dry_run`, nothing is changed and the
+/// report says what would be done. The caller persists the id table and moves the checkpoint.
+pub fn replay<S: Storage, T: Tree>(
+    storage: &S,
+    sb: &Superblock,
+    tree: &T,
+    ids: &mut IdMap,
+    dry_run: bool,
+    progress: Progress<'_>,
+) -> Result<ReplayReport, JournalError> {
+    // Pass 1: outcomes and binds of every transaction, and the log's size.
+    let mut aborted = HashSet::new();
+    let mut committed = HashSet::new();
+    let mut binds: HashMap<TxId, Vec<(FileId, Handle)>> = HashMap::new();
+    let mut total = 0u64;
+    let end = reader::scan(storage, sb, |r| {
+        total += record::record_len(r.header.payload_len as usize) as u64;
+        match r.header.kind {
+            Kind::Abort => {
+                aborted.insert(r.header.txid);
+            }
+            Kind::Commit => {
+                committed.insert(r.header.txid);
+            }
+            Kind::Bind if r.header.txid.0 != r.header.lsn.0 => {
+                if let Ok(b) = record::decode_bind(r.payload) {
+                    binds.entry(r.header.txid).or_default().push(b);
+                }
+            }
+            _ => {}
+        }
+        true
+    })?;
+
+    // Pass 2: redo in log order.
+    let mut rep = ReplayReport { from_lsn: sb.start_lsn.0, ..Default::default() };
+    let mut redo = Redo { tree, ids, dry_run };
+    let mut done = 0u64;
+    reader::scan(storage, sb, |r| {
+        rep.records += 1;
+        let len = record::record_len(r.header.payload_len as usize) as u64;
+        done += len;
+        rep.bytes += len;
+        if r.header.lsn.0 >= end.next_lsn.0 {
+            return false;
+        }
+        let tx = r.header.txid;
+        let result = match r.header.kind {
+            Kind::Write | Kind::Op if aborted.contains(&tx) => {
+                if r.header.txid.0 == r.header.lsn.0 {
+                    rep.aborted += 1;
+                }
+                Ok(Outcome::Skipped)
+            }
+            Kind::Write => match record::decode_write(r.payload) {
+                Ok((file, offset, data)) => redo.write(file, offset, data),
+                Err(e) => Err(format!("write record {}: {e}", r.header.lsn.0)),
+            },
+            Kind::Op => match Op::decode(r.payload) {
+                Ok(op) => {
+                    if !committed.contains(&tx) {
+                        rep.incomplete += 1;
+                    }
+                    redo.op(&op, binds.get(&tx).map(|v| v.as_slice()).unwrap_or(&[]))
+                }
+                Err(e) => Err(format!("op record {}: {e}", r.header.lsn.0)),
+            },
+            Kind::Bind if tx.0 == r.header.lsn.0 => match record::decode_bind(r.payload) {
+                Ok((id, h)) => {
+                    redo.ids.bind(id, h);
+                    Ok(Outcome::Skipped)
+                }
+                Err(e) => Err(format!("bind record {}: {e}", r.header.lsn.0)),
+            },
+            _ => Ok(Outcome::Skipped),
+        };
+        match result {
+            Ok(Outcome::Done) => rep.redone += 1,
+            Ok(Outcome::Already) => {
+                rep.redone += 1;
+                rep.already += 1
+            }
+            Ok(Outcome::Skipped) => {}
+            Err(msg) => rep.failed.push(format!("lsn {}: {msg}", r.header.lsn.0)),
+        }
+        if rep.records % 1024 == 0 {
+            progress(done, total);
+        }
+        true
+    })?;
+    progress(total, total);
+    if !dry_run {
+        tree.sync_all().map_err(|e| JournalError::Io("syncing the backing directory after replay".into(), e))?;
+    }
+    rep.next_file_id = ids.next_file_id.0;
+    rep.end = Some(end);
+    Ok(rep)
+}
+
+enum Outcome {
+    Done,
+    Already,
+    Skipped,
+}
+
+struct Redo<'a, T: Tree> {
+    tree: &'a T,
+    ids: &'a mut IdMap,
+    dry_run: bool,
+}
+
+type RedoResult = Result<Outcome, String>;
+
+fn why(e: io::Error) -> String {
+    e.to_string()
+}
+
+impl<T: Tree> Redo<'_, T> {
+    fn node(&self, id: FileId) -> Result<T::Node, String> {
+        if id == FileId::ROOT {
+            return self.tree.root().map_err(why);
+        }
+        let h = self.ids.map.get(&id).ok_or_else(|| format!("file {id} has no known handle"))?;
+        self.tree.open_handle(h).map_err(|e| format!("file {id}: {e}"))
+    }
+
+    /// True when `name` in `dir` is the object `id`.
+    fn names(&self, dir: &T::Node, name: &[u8], id: FileId) -> bool {
+        let Ok(n) = self.tree.lookup(dir, name) else { return false };
+        let Ok(h) = self.tree.handle_of(&n) else { return false };
+        self.ids.map.get(&id) == Some(&h)
+    }
+
+    fn write(&mut self, file: FileId, offset: u64, data: &[u8]) -> RedoResult {
+        let node = match self.node(file) {
+            Ok(n) => n,
+            // The file is gone from the backing directory: a later unlink in this log (or
+            // before the crash) removed it, so its data has nowhere to go.
+            Err(_) => return Ok(Outcome::Skipped),
+        };
+        if !self.dry_run {
+            self.tree.write(&node, offset, data).map_err(why)?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn op(&mut self, op: &Op, binds: &[(FileId, Handle)]) -> RedoResult {
+        match op {
+            Op::Create { parent, name, new_id, kind, mode, uid, gid, rdev, target } => {
+                // The commit's bind names the object the primary created: if it still exists,
+                // the create reached the backing directory.
+                if let Some((_, h)) = binds.iter().find(|(id, _)| id == new_id) {
+                    if self.tree.open_handle(h).is_ok() {
+                        self.ids.bind(*new_id, h.clone());
+                        return Ok(Outcome::Already);
+                    }
+                }
+                let dir = self.node(*parent)?;
+                if let Ok(existing) = self.tree.lookup(&dir, name) {
+                    let h = self.tree.handle_of(&existing).map_err(why)?;
+                    self.ids.bind(*new_id, h);
+                    return Ok(Outcome::Already);
+                }
+                if self.dry_run {
+                    return Ok(Outcome::Done);
+                }
+                let new = NewNode { kind: *kind, mode: *mode, uid: *uid, gid: *gid, rdev: *rdev, target };
+                let node = self.tree.create(&dir, name, &new).map_err(why)?;
+                let h = self.tree.handle_of(&node).map_err(why)?;
+                self.ids.bind(*new_id, h);
+                Ok(Outcome::Done)
+            }
+            Op::Link { id, new_parent, new_name } => {
+                let dir = self.node(*new_parent)?;
+                if self.names(&dir, new_name, *id) {
+                    return Ok(Outcome::Already);
+                }
+                let node = self.node(*id)?;
+                if !self.dry_run {
+                    self.tree.link(&node, &dir, new_name).map_err(why)?;
+                }
+                Ok(Outcome::Done)
+            }
+            Op::Unlink { parent, name, id, dir: is_dir } => {
+                let dir = self.node(*parent)?;
+                if !self.names(&dir, name, *id) {
+                    return Ok(Outcome::Already);
+                }
+                if !self.dry_run {
+                    self.tree.unlink(&dir, name, *is_dir).map_err(why)?;
+                }
+                Ok(Outcome::Done)
+            }
+            Op::Rename { parent, name, new_parent, new_name, flags, id, replaced } => {
+                let from = self.node(*parent)?;
+                let to = self.node(*new_parent)?;
+                if !self.names(&from, name, *id) {
+                    return Ok(Outcome::Already);
+                }
+                let exchange = flags & libc::RENAME_EXCHANGE != 0;
+                if exchange && *replaced != FileId::NONE && self.names(&to, new_name, *id) && self.names(&from, name, *replaced) {
+                    return Ok(Outcome::Already);
+                }
+                if !self.dry_run {
+                    // NOREPLACE already held on the primary; on redo the target name may be
+                    // occupied by an object a later op in this log removes, so do not insist.
+                    let flags = flags & !libc::RENAME_NOREPLACE;
+                    self.tree.rename(&from, name, &to, new_name, flags).map_err(why)?;
+                }
+                Ok(Outcome::Done)
+            }
+            Op::SetAttr { id, attr } => self.on(*id, |t, n| t.set_attr(n, attr)),
+            Op::SetXattr { id, name, value, flags } => {
+                // XATTR_CREATE/REPLACE held on the primary; redo sets the value either way.
+                let _ = flags;
+                self.on(*id, |t, n| t.set_xattr(n, name, value, 0))
+            }
+            Op::RemoveXattr { id, name } => self.on(*id, |t, n| match t.remove_xattr(n, name) {
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+                r => r,
+            }),
+            Op::Fallocate { id, mode, offset, len } => self.on(*id, |t, n| t.fallocate(n, *mode, *offset, *len)),
+        }
+    }
+
+    /// Applies `f` to the object `id`; an object that no longer exists is skipped.
+    fn on(&mut self, id: FileId, f: impl FnOnce(&T, &T::Node) -> io::Result<()>) -> RedoResult {
+        let Ok(node) = self.node(id) else { return Ok(Outcome::Skipped) };
+        if !self.dry_run {
+            f(self.tree, &node).map_err(why)?;
+        }
+        Ok(Outcome::Done)
+    }
+}

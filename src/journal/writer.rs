@@ -1,0 +1,483 @@
+//! Appending records, group commit and checkpoints.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::error::JournalError;
+use crate::format::ops::Op;
+use crate::format::record::{self, HEADER_SIZE, Header, Kind};
+use crate::format::segment::{SEGMENT_HEADER_SIZE, SegmentHeader};
+use crate::format::superblock::Superblock;
+use crate::io::{SegmentFile, Storage};
+use crate::limits::WRITE_RECORD_DATA_MAX;
+use crate::types::{FileId, Handle, Lsn, TxId};
+
+/// How a journal is laid out on disk; fixed when it is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JournalGeometry {
+    pub segment_size: u64,
+    pub segment_count: u32,
+}
+
+/// A place in the log: the segment's global sequence number and the byte offset in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Position {
+    pub seq: u64,
+    pub offset: u64,
+}
+
+/// Syncs the backing directory and persists the id table; returns the next free file id.
+/// Called by a checkpoint before it moves the start of the log.
+pub type CheckpointHook = Box<dyn Fn() -> std::io::Result<FileId> + Send + Sync>;
+
+/// How long a writer waits for log space (checkpoints free it) before failing with ENOSPC.
+const FULL_WAIT_MAX: Duration = Duration::from_secs(30);
+
+struct State {
+    next_lsn: Lsn,
+    /// Where the next record goes.
+    pos: Position,
+    /// Everything before this position has been flushed.
+    flushed: Position,
+    /// Transactions whose effect on the backing directory is not yet complete, with the
+    /// position of their first record: a checkpoint may not move past the oldest.
+    inflight: BTreeMap<Lsn, Position>,
+    /// The start of the log as the last superblock write recorded it.
+    start_seq: u64,
+    bytes_appended: u64,
+}
+
+pub struct Journal<S: Storage> {
+    storage: S,
+    geometry: JournalGeometry,
+    set_id: [u8; 16],
+    epoch: u64,
+    segments: Mutex<Vec<Option<Arc<S::Segment>>>>,
+    state: Mutex<State>,
+    flush_lock: Mutex<()>,
+    /// Every record with an LSN below this is durable.
+    durable: AtomicU64,
+    superblock: Mutex<Superblock>,
+    checkpoint_lock: Mutex<()>,
+    checkpoint_hook: OnceLock<CheckpointHook>,
+}
+
+impl<S: Storage> Journal<S> {
+    /// Creates a new, empty journal in `storage` (which must hold none).
+    pub fn create(storage: S, geometry: JournalGeometry, mut sb: Superblock) -> Result<Journal<S>, JournalError> {
+        if storage.read_superblock().map_err(io("reading the superblock"))?.is_some() {
+            return Err(JournalError::Corrupt("a superblock already exists; refusing to overwrite a journal".into()));
+        }
+        sb.segment_size = geometry.segment_size;
+        sb.segment_count = geometry.segment_count;
+        sb.start_lsn = Lsn(1);
+        sb.start_seq = 0;
+        sb.start_offset = SEGMENT_HEADER_SIZE as u64;
+        sb.seq = 0;
+        let j = Journal::assemble(storage, sb.clone(), Position { seq: 0, offset: 0 }, Lsn(1));
+        j.start_segment(0, Lsn(1))?;
+        j.state.lock().unwrap().pos.offset = SEGMENT_HEADER_SIZE as u64;
+        j.sync_all_written()?;
+        j.write_superblock(|s| *s = sb)?;
+        Ok(j)
+    }
+
+    /// Opens a journal whose valid records end at `end` (with `next_lsn` the next LSN), as
+    /// recovery found it. Bytes after `end` are zeroed and later segments' headers cleared,
+    /// so stale records of the crashed run can never be read as continuing the new log.
+    pub fn open(storage: S, sb: Superblock, end: Position, next_lsn: Lsn) -> Result<Journal<S>, JournalError> {
+        let j = Journal::assemble(storage, sb, end, next_lsn);
+        j.clear_after(end)?;
+        Ok(j)
+    }
+
+    fn assemble(storage: S, sb: Superblock, end: Position, next_lsn: Lsn) -> Journal<S> {
+        let geometry = JournalGeometry { segment_size: sb.segment_size, segment_count: sb.segment_count };
+        let state = State {
+            next_lsn,
+            pos: end,
+            flushed: end,
+            inflight: BTreeMap::new(),
+            start_seq: sb.start_seq,
+            bytes_appended: 0,
+        };
+        Journal {
+            storage,
+            geometry,
+            set_id: sb.set_id,
+            epoch: sb.epoch,
+            segments: Mutex::new(vec![None; geometry.segment_count as usize]),
+            state: Mutex::new(state),
+            flush_lock: Mutex::new(()),
+            durable: AtomicU64::new(next_lsn.0),
+            superblock: Mutex::new(sb),
+            checkpoint_lock: Mutex::new(()),
+            checkpoint_hook: OnceLock::new(),
+        }
+    }
+
+    /// Sets what a checkpoint does to the backing directory before it frees log space.
+    pub fn set_checkpoint_hook(&self, hook: CheckpointHook) {
+        let _ = self.checkpoint_hook.set(hook);
+    }
+
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    pub fn geometry(&self) -> JournalGeometry {
+        self.geometry
+    }
+
+    pub fn superblock(&self) -> Superblock {
+        self.superblock.lock().unwrap().clone()
+    }
+
+    /// The next LSN to be assigned.
+    pub fn next_lsn(&self) -> Lsn {
+        self.state.lock().unwrap().next_lsn
+    }
+
+    /// Every record below this LSN is durable.
+    pub fn durable_lsn(&self) -> Lsn {
+        Lsn(self.durable.load(Ordering::Acquire))
+    }
+
+    /// Bytes of log between the checkpoint and the end (what replay would read).
+    pub fn used_bytes(&self) -> u64 {
+        let st = self.state.lock().unwrap();
+        let sb = self.superblock.lock().unwrap();
+        let whole = (st.pos.seq - sb.start_seq) * self.geometry.segment_size;
+        whole + st.pos.offset - sb.start_offset.min(whole + st.pos.offset)
+    }
+
+    pub fn bytes_appended(&self) -> u64 {
+        self.state.lock().unwrap().bytes_appended
+    }
+
+    // ----- appending ---------------------------------------------------------------------
+
+    /// Journals a data write as its own transaction (split into records of at most
+    /// `WRITE_RECORD_DATA_MAX` bytes). The transaction stays in flight until `done`/`abort`.
+    pub fn append_write(&self, file: FileId, offset: u64, data: &[u8]) -> Result<TxId, JournalError> {
+        let max = self.write_chunk_max();
+        let mut first: Option<TxId> = None;
+        let mut at = 0usize;
+        loop {
+            let n = (data.len() - at).min(max);
+            let prefix = record::write_prefix(file, offset + at as u64);
+            let chunk = &data[at..at + n];
+            let lsn = self.append(Kind::Write, first, &[&prefix, chunk], first.is_none())?;
+            first.get_or_insert(TxId(lsn.0));
+            at += n;
+            if at >= data.len() {
+                return Ok(first.unwrap());
+            }
+        }
+    }
+
+    fn write_chunk_max(&self) -> usize {
+        let room = self.geometry.segment_size as usize - SEGMENT_HEADER_SIZE - HEADER_SIZE - 16;
+        WRITE_RECORD_DATA_MAX.min(room / 2)
+    }
+
+    /// Journals the intent of a namespace or attribute operation; in flight until its outcome.
+    pub fn append_op(&self, op: &Op) -> Result<TxId, JournalError> {
+        let mut payload = Vec::with_capacity(64);
+        op.encode(&mut payload);
+        let lsn = self.append(Kind::Op, None, &[&payload], true)?;
+        Ok(TxId(lsn.0))
+    }
+
+    /// Journals "file id → backing handle", as part of transaction `tx` (or on its own).
+    pub fn append_bind(&self, tx: Option<TxId>, id: FileId, handle: &Handle) -> Result<Lsn, JournalError> {
+        self.append(Kind::Bind, tx, &[&record::encode_bind(id, handle)], false)
+    }
+
+    /// Records that `tx` was applied, and ends it.
+    pub fn commit(&self, tx: TxId) -> Result<Lsn, JournalError> {
+        let r = self.append(Kind::Commit, Some(tx), &[], false);
+        self.done(tx);
+        r
+    }
+
+    /// Records that `tx` failed with `errno` (redo skips it), and ends it.
+    pub fn abort(&self, tx: TxId, errno: i32) -> Result<Lsn, JournalError> {
+        let r = self.append(Kind::Abort, Some(tx), &[&(errno as u32).to_le_bytes()], false);
+        self.done(tx);
+        r
+    }
+
+    /// Ends a transaction that needs no outcome record (a data write that succeeded).
+    pub fn done(&self, tx: TxId) {
+        self.state.lock().unwrap().inflight.remove(&Lsn(tx.0));
+    }
+
+    /// Appends one record; waits (bounded) for log space when the journal is full.
+    fn append(&self, kind: Kind, tx: Option<TxId>, payload: &[&[u8]], inflight: bool) -> Result<Lsn, JournalError> {
+        let deadline = Instant::now() + FULL_WAIT_MAX;
+        loop {
+            match self.try_append(kind, tx, payload, inflight)? {
+                Some(lsn) => return Ok(lsn),
+                None if Instant::now() < deadline => self.make_room()?,
+                None => {
+                    return Err(JournalError::Full(format!(
+                        "no free segment after {}s; a transaction stays in flight or checkpoints fail",
+                        FULL_WAIT_MAX.as_secs()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Appends, or returns `None` when the next segment is still needed by the log.
+    fn try_append(&self, kind: Kind, tx: Option<TxId>, payload: &[&[u8]], inflight: bool) -> Result<Option<Lsn>, JournalError> {
+        let payload_len: usize = payload.iter().map(|p| p.len()).sum();
+        let len = record::record_len(payload_len) as u64;
+        let mut st = self.state.lock().unwrap();
+        if st.pos.offset + len > self.geometry.segment_size {
+            let next = st.pos.seq + 1;
+            if next - st.start_seq >= self.geometry.segment_count as u64 {
+                return Ok(None);
+            }
+            self.start_segment(next, st.next_lsn)?;
+            st.pos = Position { seq: next, offset: SEGMENT_HEADER_SIZE as u64 };
+        }
+        let lsn = st.next_lsn;
+        let header = Header {
+            kind,
+            lsn,
+            txid: tx.unwrap_or(TxId(lsn.0)),
+            payload_len: 0,
+            crc: 0,
+            set_id: self.set_id,
+            epoch: self.epoch,
+            time_ns: now_ns(),
+        };
+        let hdr = record::encode_header(header, payload);
+        let pad = [0u8; record::RECORD_ALIGN];
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(payload.len() + 2);
+        parts.push(&hdr);
+        parts.extend_from_slice(payload);
+        parts.push(&pad[..record::padding_len(payload_len)]);
+        let seg = self.segment(st.pos.seq)?;
+        seg.write(st.pos.offset as usize, &parts);
+        if inflight {
+            let at = st.pos;
+            st.inflight.insert(lsn, at);
+        }
+        st.pos.offset += len;
+        st.next_lsn = lsn.next();
+        st.bytes_appended += len;
+        Ok(Some(lsn))
+    }
+
+    /// Writes the header of segment `seq` (its first record will be `first_lsn`).
+    fn start_segment(&self, seq: u64, first_lsn: Lsn) -> Result<(), JournalError> {
+        let seg = self.segment_create(seq)?;
+        let h = SegmentHeader { seq, first_lsn, set_id: self.set_id, segment_size: self.geometry.segment_size };
+        seg.write(0, &[&h.encode()]);
+        Ok(())
+    }
+
+    fn segment_create(&self, seq: u64) -> Result<Arc<S::Segment>, JournalError> {
+        let index = (seq % self.geometry.segment_count as u64) as usize;
+        let mut segs = self.segments.lock().unwrap();
+        if let Some(s) = &segs[index] {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(
+            self.storage
+                .open_segment(index as u32, self.geometry.segment_size, true)
+                .map_err(io(&format!("opening segment {index}")))?,
+        );
+        segs[index] = Some(s.clone());
+        Ok(s)
+    }
+
+    fn segment(&self, seq: u64) -> Result<Arc<S::Segment>, JournalError> {
+        self.segment_create(seq)
+    }
+
+    /// Frees log space: runs a checkpoint, or waits a moment when the oldest in-flight
+    /// transaction still holds the segment we need.
+    fn make_room(&self) -> Result<(), JournalError> {
+        let before = self.superblock().start_lsn;
+        self.checkpoint()?;
+        if self.superblock().start_lsn == before {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    // ----- durability --------------------------------------------------------------------
+
+    /// Makes every record appended so far durable. Concurrent callers share one flush
+    /// (group commit): a caller whose records an earlier flush covered returns at once.
+    pub fn sync(&self) -> Result<Lsn, JournalError> {
+        let target = self.state.lock().unwrap().next_lsn;
+        self.sync_to(target)
+    }
+
+    /// Flushes everything written, even when no record was appended (a fresh segment header).
+    fn sync_all_written(&self) -> Result<(), JournalError> {
+        let _flushing = self.flush_lock.lock().unwrap();
+        let (from, to) = {
+            let mut st = self.state.lock().unwrap();
+            let r = (st.flushed, st.pos);
+            st.flushed = st.pos;
+            r
+        };
+        self.flush_range(from, to)
+    }
+
+    /// Makes every record below `target` durable.
+    pub fn sync_to(&self, target: Lsn) -> Result<Lsn, JournalError> {
+        if self.durable_lsn() >= target {
+            return Ok(self.durable_lsn());
+        }
+        let _flushing = self.flush_lock.lock().unwrap();
+        if self.durable_lsn() >= target {
+            return Ok(self.durable_lsn());
+        }
+        let (from, to, upto) = {
+            let mut st = self.state.lock().unwrap();
+            let r = (st.flushed, st.pos, st.next_lsn);
+            st.flushed = st.pos;
+            r
+        };
+        if let Err(e) = self.flush_range(from, to) {
+            self.state.lock().unwrap().flushed = from;
+            return Err(e);
+        }
+        self.durable.store(upto.0, Ordering::Release);
+        Ok(upto)
+    }
+
+    fn flush_range(&self, from: Position, to: Position) -> Result<(), JournalError> {
+        for seq in from.seq..=to.seq {
+            let start = if seq == from.seq { from.offset } else { 0 };
+            let end = if seq == to.seq { to.offset } else { self.geometry.segment_size };
+            if end > start {
+                let seg = self.segment(seq)?;
+                seg.flush(start as usize, (end - start) as usize).map_err(io("flushing the journal"))?;
+            }
+        }
+        Ok(())
+    }
+
+    // ----- checkpoints -------------------------------------------------------------------
+
+    /// Moves the start of the log past every transaction whose effect is complete: syncs the
+    /// backing directory (the hook), then records the new start in the superblock. Whole
+    /// segments before the new start become free for reuse (claim 000:6).
+    pub fn checkpoint(&self) -> Result<Lsn, JournalError> {
+        let _one = self.checkpoint_lock.lock().unwrap();
+        let (bound, at) = {
+            let st = self.state.lock().unwrap();
+            match st.inflight.first_key_value() {
+                Some((lsn, pos)) => (*lsn, *pos),
+                None => (st.next_lsn, st.pos),
+            }
+        };
+        let at = self.normalize(at);
+        let next_file_id = match self.checkpoint_hook.get() {
+            Some(hook) => hook().map_err(io("syncing the backing directory for a checkpoint"))?,
+            None => self.superblock().next_file_id,
+        };
+        if self.superblock().start_lsn >= bound {
+            return Ok(bound);
+        }
+        self.write_superblock(|sb| {
+            sb.start_lsn = bound;
+            sb.start_seq = at.seq;
+            sb.start_offset = at.offset;
+            sb.next_file_id = next_file_id;
+        })?;
+        self.state.lock().unwrap().start_seq = at.seq;
+        Ok(bound)
+    }
+
+    /// A position at the very start of a fresh segment (offset 0) names its first record.
+    fn normalize(&self, at: Position) -> Position {
+        if at.offset < SEGMENT_HEADER_SIZE as u64 {
+            Position { seq: at.seq, offset: SEGMENT_HEADER_SIZE as u64 }
+        } else {
+            at
+        }
+    }
+
+    /// Records a clean shutdown: a final checkpoint, then `clean` in the superblock.
+    pub fn close_clean(&self) -> Result<(), JournalError> {
+        self.sync()?;
+        self.checkpoint()?;
+        self.write_superblock(|sb| sb.clean = true)
+    }
+
+    /// Marks the journal in use (not clean) until `close_clean`.
+    pub fn mark_open(&self) -> Result<(), JournalError> {
+        self.write_superblock(|sb| sb.clean = false)
+    }
+
+    fn write_superblock(&self, change: impl FnOnce(&mut Superblock)) -> Result<(), JournalError> {
+        let mut sb = self.superblock.lock().unwrap();
+        let mut next = sb.clone();
+        change(&mut next);
+        next.seq = sb.seq + 1;
+        self.storage
+            .write_superblock(next.slot_offset(), &next.encode_slot())
+            .map_err(io("writing the superblock"))?;
+        *sb = next;
+        Ok(())
+    }
+
+    /// Zeroes the rest of the segment at `end` and clears the headers of segments written
+    /// after it by the crashed run; durable before any new record is appended.
+    fn clear_after(&self, end: Position) -> Result<(), JournalError> {
+        let count = self.geometry.segment_count as u64;
+        let on_disk = self.storage.segment_count().map_err(io("listing segments"))? as u64;
+        let seg = self.segment(end.seq)?;
+        let from = end.offset.max(SEGMENT_HEADER_SIZE as u64) as usize;
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = from;
+        while at < seg.len() {
+            let n = (seg.len() - at).min(zeros.len());
+            seg.write(at, &[&zeros[..n]]);
+            at += n;
+        }
+        seg.flush(from, seg.len() - from).map_err(io("zeroing the journal tail"))?;
+        for index in 0..on_disk.min(count) {
+            if index == end.seq % count {
+                continue;
+            }
+            let s = self.segment_create(index)?;
+            let mut hb = [0u8; SEGMENT_HEADER_SIZE];
+            s.read(0, &mut hb);
+            if let Ok(h) = SegmentHeader::decode(&hb) {
+                if h.seq > end.seq {
+                    s.write(0, &[&[0u8; SEGMENT_HEADER_SIZE]]);
+                    s.flush(0, SEGMENT_HEADER_SIZE).map_err(io("clearing a stale segment header"))?;
+                }
+            }
+        }
+        if end.offset < SEGMENT_HEADER_SIZE as u64 {
+            // The scan ended before this segment's first record: (re)write its header.
+            let first = self.state.lock().unwrap().next_lsn;
+            self.start_segment(end.seq, first)?;
+            let mut st = self.state.lock().unwrap();
+            st.pos.offset = SEGMENT_HEADER_SIZE as u64;
+            st.flushed = Position { seq: end.seq, offset: 0 };
+        }
+        Ok(())
+    }
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+    move |e| JournalError::Io(what.to_string(), e)
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}

@@ -1,0 +1,15 @@
+//! ferryfs: a journaled, replicating FUSE filesystem. See README.md and docs/.
+//!
+//! Layers, from pure to wiring (a module imports only those above it in this list):
+//! `types`, `limits` → `format` → `io` → `journal` → `passthrough` → `os`, `sim` → `fuse` → `cmd`.
+
+pub mod format;
+pub mod io;
+pub mod journal;
+pub mod limits;
+pub mod os;
+pub mod passthrough;
+pub mod sim;
+pub mod types;
+pub mod fuse;
+pub mod cmd;
