@@ -31,6 +31,9 @@ pub enum Kind {
     Bind = 5,
     /// Transaction `txid` needs nothing more from the log (claim 000:5); written by replication.
     Complete = 6,
+    /// Replay redid the namespace op `txid` (payload: the 16-byte boot id it ran in), so a
+    /// replay run again in the same boot knows the effect is in the backing directory.
+    Redone = 7,
 }
 
 impl Kind {
@@ -42,6 +45,7 @@ impl Kind {
             4 => Kind::Abort,
             5 => Kind::Bind,
             6 => Kind::Complete,
+            7 => Kind::Redone,
             _ => return None,
         })
     }
@@ -53,6 +57,7 @@ impl Kind {
             Kind::Abort => "abort",
             Kind::Bind => "bind",
             Kind::Complete => "complete",
+            Kind::Redone => "redone",
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct Superblock {
     pub backing_dev: u64,
     pub backing_ino: u64,
     pub backing_path: Vec<u8>,
+    /// The kernel boot id of the mount that last opened the journal: a recovery in the same
+    /// boot knows the backing directory's page cache survived (docs/FORMAT.md, "Replay").
+    pub boot_id: [u8; 16],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +71,7 @@ impl Superblock {
         v.put_u64(self.next_file_id.0);
         v.put_u64(self.backing_dev);
         v.put_u64(self.backing_ino);
+        v.extend_from_slice(&self.boot_id);
         let path = &self.backing_path[..self.backing_path.len().min(PATH_MAX_STORED)];
         v.put_bytes(path);
         v.resize(SLOT_SIZE - 4, 0);
@@ -103,6 +107,7 @@ impl Superblock {
         let next_file_id = FileId(c.u64()?);
         let backing_dev = c.u64()?;
         let backing_ino = c.u64()?;
+        let boot_id: [u8; 16] = c.take(16)?.try_into().unwrap();
         let backing_path = c.bytes()?;
         Ok(Superblock {
             seq,
@@ -118,6 +123,7 @@ impl Superblock {
             backing_dev,
             backing_ino,
             backing_path,
+            boot_id,
         })
     }
 
@@ -169,6 +175,7 @@ mod tests {
             backing_dev: 7,
             backing_ino: 8,
             backing_path: b"/b".to_vec(),
+            boot_id: [3; 16],
         }
     }
 

@@ -6,6 +6,7 @@
 
 mod error;
 pub mod reader;
+pub mod recovery;
 pub mod replay;
 mod writer;
 

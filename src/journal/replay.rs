@@ -16,6 +16,7 @@ use std::io;
 
 use super::error::JournalError;
 use super::reader::{self, EndKind, ScanEnd};
+use super::writer::Journal;
 use crate::format::ids::IdSnapshot;
 use crate::format::ops::Op;
 use crate::format::record::{self, Kind};
@@ -37,8 +38,11 @@ pub struct ReplayReport {
     pub incomplete: u64,
     /// Transactions skipped because they had an `Abort` record.
     pub aborted: u64,
-    /// Redo attempts that failed (object gone, name taken …), with the reason.
+    /// Redo attempts of committed transactions that failed, with the reason: the backing
+    /// directory disagrees with the journal (an operator must look).
     pub failed: Vec<String>,
+    /// Incomplete ops (no outcome record) whose redo failed: treated as aborted.
+    pub incomplete_failed: Vec<String>,
     /// Redo attempts that found their effect already there.
     pub already: u64,
     pub end: Option<ScanEnd>,
@@ -87,16 +91,31 @@ impl IdMap {
 /// Progress callback: (bytes of log done, bytes of log in all).
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
-/// Replays the journal in `storage` onto `tree`. With `dry_run`, nothing is changed and the
-/// report says what would be done. The caller persists the id table and moves the checkpoint.
+/// Where the valid log ends (and why), without applying anything.
+pub fn find_end<S: Storage>(storage: &S, sb: &Superblock) -> Result<ScanEnd, JournalError> {
+    reader::scan(storage, sb, |_| true)
+}
+
+/// Replays the journal in `storage` onto `tree`. With `journal` = `None` this is a dry run:
+/// nothing is changed and the report says what would be done. Otherwise `journal` must be the
+/// same log opened at its end (`find_end`): when redo has to make an object anew, its new
+/// handle is journaled there as a `Bind` of the create's transaction, so a replay that is
+/// interrupted and run again finds the object instead of making it twice.
+/// The caller persists the id table and moves the checkpoint.
 pub fn replay<S: Storage, T: Tree>(
     storage: &S,
     sb: &Superblock,
     tree: &T,
     ids: &mut IdMap,
-    dry_run: bool,
+    journal: Option<&Journal<S>>,
+    boot_id: [u8; 16],
     progress: Progress<'_>,
 ) -> Result<ReplayReport, JournalError> {
+    let dry_run = journal.is_none();
+    // In the boot that wrote the log, the backing directory's page cache survived the crash:
+    // a committed namespace op is in the tree. After a reboot only the checkpoint is sure.
+    let same_boot = sb.boot_id == boot_id;
+    let mut redone_here = HashSet::new();
     // Pass 1: outcomes and binds of every transaction, and the log's size.
     let mut aborted = HashSet::new();
     let mut committed = HashSet::new();
@@ -111,6 +130,9 @@ pub fn replay<S: Storage, T: Tree>(
             Kind::Commit => {
                 committed.insert(r.header.txid);
             }
+            Kind::Redone if r.payload == boot_id => {
+                redone_here.insert(r.header.txid);
+            }
             Kind::Bind if r.header.txid.0 != r.header.lsn.0 => {
                 if let Ok(b) = record::decode_bind(r.payload) {
                     binds.entry(r.header.txid).or_default().push(b);
@@ -123,7 +145,7 @@ pub fn replay<S: Storage, T: Tree>(
 
     // Pass 2: redo in log order.
     let mut rep = ReplayReport { from_lsn: sb.start_lsn.0, ..Default::default() };
-    let mut redo = Redo { tree, ids, dry_run };
+    let mut redo = Redo { tree, ids, dry_run, journal, boot_id };
     let mut done = 0u64;
     reader::scan(storage, sb, |r| {
         rep.records += 1;
@@ -142,7 +164,12 @@ pub fn replay<S: Storage, T: Tree>(
                 Ok(Outcome::Skipped)
             }
             Kind::Write => match record::decode_write(r.payload) {
-                Ok((file, offset, data)) => redo.write(file, offset, data),
+                // A data write's redo fails only where the primary's write failed too (same
+                // object, same bytes) and the `Abort` after it was lost: counted as aborted.
+                Ok((file, offset, data)) => redo.write(file, offset, data).or_else(|e| {
+                    rep.incomplete_failed.push(format!("lsn {}: write failed on redo: {e}", r.header.lsn.0));
+                    Ok(Outcome::Skipped)
+                }),
                 Err(e) => Err(format!("write record {}: {e}", r.header.lsn.0)),
             },
             Kind::Op => match Op::decode(r.payload) {
@@ -150,7 +177,17 @@ pub fn replay<S: Storage, T: Tree>(
                     if !committed.contains(&tx) {
                         rep.incomplete += 1;
                     }
-                    redo.op(&op, binds.get(&tx).map(|v| v.as_slice()).unwrap_or(&[]))
+                    let in_tree = (same_boot && committed.contains(&tx)) || redone_here.contains(&tx);
+                    let res = redo.op(tx, in_tree, &op, binds.get(&tx).map(|v| v.as_slice()).unwrap_or(&[]));
+                    match res {
+                        // The client never got a reply for an incomplete op: failing now is
+                        // an allowed outcome (design §1), counted as aborted.
+                        Err(e) if !committed.contains(&tx) => {
+                            rep.incomplete_failed.push(format!("lsn {}: {} failed on redo: {e}", r.header.lsn.0, op.name()));
+                            Ok(Outcome::Skipped)
+                        }
+                        r => r.map_err(|e| format!("{op:?}: {e}")),
+                    }
                 }
                 Err(e) => Err(format!("op record {}: {e}", r.header.lsn.0)),
             },
@@ -192,10 +229,12 @@ enum Outcome {
     Skipped,
 }
 
-struct Redo<'a, T: Tree> {
+struct Redo<'a, S: Storage, T: Tree> {
     tree: &'a T,
     ids: &'a mut IdMap,
     dry_run: bool,
+    journal: Option<&'a Journal<S>>,
+    boot_id: [u8; 16],
 }
 
 type RedoResult = Result<Outcome, String>;
@@ -204,7 +243,7 @@ fn why(e: io::Error) -> String {
     e.to_string()
 }
 
-impl<T: Tree> Redo<'_, T> {
+impl<S: Storage, T: Tree> Redo<'_, S, T> {
     fn node(&self, id: FileId) -> Result<T::Node, String> {
         if id == FileId::ROOT {
             return self.tree.root().map_err(why);
@@ -233,22 +272,46 @@ impl<T: Tree> Redo<'_, T> {
         Ok(Outcome::Done)
     }
 
-    fn op(&mut self, op: &Op, binds: &[(FileId, Handle)]) -> RedoResult {
+    /// Redoes one op. `in_tree`: its effect is known to be in the backing directory (applied
+    /// in this boot), so a namespace op is not redone: only its binds are taken over.
+    fn op(&mut self, tx: TxId, in_tree: bool, op: &Op, binds: &[(FileId, Handle)]) -> RedoResult {
+        let namespace = matches!(op, Op::Create { .. } | Op::Link { .. } | Op::Unlink { .. } | Op::Rename { .. });
+        if namespace && in_tree {
+            if let Op::Create { new_id, .. } = op {
+                if let Some((_, h)) = binds.iter().rev().find(|(id, _)| id == new_id) {
+                    self.ids.bind(*new_id, h.clone());
+                }
+            }
+            return Ok(Outcome::Already);
+        }
+        let outcome = self.op_redo(tx, op, binds)?;
+        if namespace && matches!(outcome, Outcome::Done) {
+            if let Some(j) = self.journal {
+                j.redone(tx, self.boot_id).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn op_redo(&mut self, tx: TxId, op: &Op, binds: &[(FileId, Handle)]) -> RedoResult {
         match op {
             Op::Create { parent, name, new_id, kind, mode, uid, gid, rdev, target } => {
-                // The commit's bind names the object the primary created: if it still exists,
-                // the create reached the backing directory.
-                if let Some((_, h)) = binds.iter().find(|(id, _)| id == new_id) {
+                // The commit's bind names the object the primary created, and a bind that an
+                // earlier replay journaled names the one it made anew: if one still exists,
+                // the create is there already.
+                for (_, h) in binds.iter().filter(|(id, _)| id == new_id).rev() {
                     if self.tree.open_handle(h).is_ok() {
                         self.ids.bind(*new_id, h.clone());
                         return Ok(Outcome::Already);
                     }
                 }
-                let dir = self.node(*parent)?;
-                if let Ok(existing) = self.tree.lookup(&dir, name) {
-                    let h = self.tree.handle_of(&existing).map_err(why)?;
-                    self.ids.bind(*new_id, h);
-                    return Ok(Outcome::Already);
+                let Ok(dir) = self.node(*parent) else { return Ok(Outcome::Skipped) };
+                if self.tree.lookup(&dir, name).is_ok() {
+                    // The name is taken, and no object this create made exists: the tree is
+                    // past this op and the object was removed later in the log (committed), or
+                    // the crash came before its bind (incomplete: the client never saw the
+                    // object, so no later record names it). Either way nothing to redo.
+                    return Ok(Outcome::Skipped);
                 }
                 if self.dry_run {
                     return Ok(Outcome::Done);
@@ -256,22 +319,29 @@ impl<T: Tree> Redo<'_, T> {
                 let new = NewNode { kind: *kind, mode: *mode, uid: *uid, gid: *gid, rdev: *rdev, target };
                 let node = self.tree.create(&dir, name, &new).map_err(why)?;
                 let h = self.tree.handle_of(&node).map_err(why)?;
+                if let Some(j) = self.journal {
+                    j.append_bind(Some(tx), *new_id, &h).map_err(|e| e.to_string())?;
+                }
                 self.ids.bind(*new_id, h);
                 Ok(Outcome::Done)
             }
             Op::Link { id, new_parent, new_name } => {
-                let dir = self.node(*new_parent)?;
+                let Ok(dir) = self.node(*new_parent) else { return Ok(Outcome::Skipped) };
                 if self.names(&dir, new_name, *id) {
                     return Ok(Outcome::Already);
                 }
-                let node = self.node(*id)?;
+                if self.tree.lookup(&dir, new_name).is_ok() {
+                    // Taken by another object: the tree is past this op (see `Create`).
+                    return Ok(Outcome::Skipped);
+                }
+                let Ok(node) = self.node(*id) else { return Ok(Outcome::Skipped) };
                 if !self.dry_run {
                     self.tree.link(&node, &dir, new_name).map_err(why)?;
                 }
                 Ok(Outcome::Done)
             }
             Op::Unlink { parent, name, id, dir: is_dir } => {
-                let dir = self.node(*parent)?;
+                let Ok(dir) = self.node(*parent) else { return Ok(Outcome::Skipped) };
                 if !self.names(&dir, name, *id) {
                     return Ok(Outcome::Already);
                 }
@@ -281,20 +351,26 @@ impl<T: Tree> Redo<'_, T> {
                 Ok(Outcome::Done)
             }
             Op::Rename { parent, name, new_parent, new_name, flags, id, replaced } => {
-                let from = self.node(*parent)?;
-                let to = self.node(*new_parent)?;
+                let (Ok(from), Ok(to)) = (self.node(*parent), self.node(*new_parent)) else {
+                    return Ok(Outcome::Skipped);
+                };
                 if !self.names(&from, name, *id) {
                     return Ok(Outcome::Already);
                 }
                 let exchange = flags & libc::RENAME_EXCHANGE != 0;
-                if exchange && *replaced != FileId::NONE && self.names(&to, new_name, *id) && self.names(&from, name, *replaced) {
-                    return Ok(Outcome::Already);
+                let target_taken = self.tree.lookup(&to, new_name).is_ok();
+                let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+                let target_ok = if target_taken {
+                    !noreplace && *replaced != FileId::NONE && self.names(&to, new_name, *replaced)
+                } else {
+                    !exchange
+                };
+                if !target_ok {
+                    // The target is not what it was on the primary: the tree is past this op.
+                    return Ok(Outcome::Skipped);
                 }
                 if !self.dry_run {
-                    // NOREPLACE already held on the primary; on redo the target name may be
-                    // occupied by an object a later op in this log removes, so do not insist.
-                    let flags = flags & !libc::RENAME_NOREPLACE;
-                    self.tree.rename(&from, name, &to, new_name, flags).map_err(why)?;
+                    self.tree.rename(&from, name, &to, new_name, *flags).map_err(why)?;
                 }
                 Ok(Outcome::Done)
             }

@@ -95,10 +95,12 @@ impl<S: Storage> Journal<S> {
 
     fn assemble(storage: S, sb: Superblock, end: Position, next_lsn: Lsn) -> Journal<S> {
         let geometry = JournalGeometry { segment_size: sb.segment_size, segment_count: sb.segment_count };
+        // After a process crash the log read back may still be only in the page cache: the
+        // first flush covers it all, from the start of the log.
         let state = State {
             next_lsn,
             pos: end,
-            flushed: end,
+            flushed: Position { seq: sb.start_seq, offset: 0 },
             inflight: BTreeMap::new(),
             start_seq: sb.start_seq,
             bytes_appended: 0,
@@ -201,6 +203,11 @@ impl<S: Storage> Journal<S> {
         let r = self.append(Kind::Commit, Some(tx), &[], false);
         self.done(tx);
         r
+    }
+
+    /// Records that replay redid the namespace op `tx` in boot `boot_id`.
+    pub fn redone(&self, tx: TxId, boot_id: [u8; 16]) -> Result<Lsn, JournalError> {
+        self.append(Kind::Redone, Some(tx), &[&boot_id], false)
     }
 
     /// Records that `tx` failed with `errno` (redo skips it), and ends it.
@@ -390,6 +397,9 @@ impl<S: Storage> Journal<S> {
         if self.superblock().start_lsn >= bound {
             return Ok(bound);
         }
+        // The new start must be readable after a crash: its segment's header (and the log up
+        // to it) reaches the disk before the superblock points there.
+        self.sync_all_written()?;
         self.write_superblock(|sb| {
             sb.start_lsn = bound;
             sb.start_seq = at.seq;
@@ -398,6 +408,25 @@ impl<S: Storage> Journal<S> {
         })?;
         self.state.lock().unwrap().start_seq = at.seq;
         Ok(bound)
+    }
+
+    /// Moves the start of the log to its current end (nothing in flight): after recovery.
+    pub fn rebase_here(&self, next_file_id: FileId) -> Result<(), JournalError> {
+        let (lsn, at) = {
+            let st = self.state.lock().unwrap();
+            assert!(st.inflight.is_empty(), "rebase with transactions in flight");
+            (st.next_lsn, st.pos)
+        };
+        let at = self.normalize(at);
+        self.sync_all_written()?;
+        self.write_superblock(|sb| {
+            sb.start_lsn = lsn;
+            sb.start_seq = at.seq;
+            sb.start_offset = at.offset;
+            sb.next_file_id = next_file_id;
+        })?;
+        self.state.lock().unwrap().start_seq = at.seq;
+        Ok(())
     }
 
     /// A position at the very start of a fresh segment (offset 0) names its first record.
@@ -416,9 +445,12 @@ impl<S: Storage> Journal<S> {
         self.write_superblock(|sb| sb.clean = true)
     }
 
-    /// Marks the journal in use (not clean) until `close_clean`.
-    pub fn mark_open(&self) -> Result<(), JournalError> {
-        self.write_superblock(|sb| sb.clean = false)
+    /// Marks the journal in use (not clean) until `close_clean`, by a mount in boot `boot_id`.
+    pub fn mark_open(&self, boot_id: [u8; 16]) -> Result<(), JournalError> {
+        self.write_superblock(|sb| {
+            sb.clean = false;
+            sb.boot_id = boot_id;
+        })
     }
 
     fn write_superblock(&self, change: impl FnOnce(&mut Superblock)) -> Result<(), JournalError> {

@@ -1,1 +1,9 @@
-//! filled in below
+//! The write path without the kernel: "journal, apply, outcome" for every mutation, and the
+//! file-id table. Generic over the journal's storage and the backing tree, so the simulation
+//! drives exactly the code the FUSE mount runs. Never imports fuser.
+
+mod core;
+mod ids;
+
+pub use core::{Core, CoreConfig, Errno};
+pub use ids::IdTable;

@@ -1,1 +1,6 @@
+//! Simulated seams and the seeded crash runner: the journal, replay and the write path
+//! driven with no kernel, no disk and no sleeping.
 
+pub mod crash;
+pub mod storage;
+pub mod tree;

@@ -1,0 +1,325 @@
+//! "Journal, apply, outcome": the one place every mutation goes through (design §1).
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::ids::IdTable;
+use crate::format::ops::{NodeKind, Op, SetAttr};
+use crate::io::{NewNode, Storage, Tree};
+use crate::journal::replay::IDS_FILE;
+use crate::journal::{Journal, JournalError};
+use crate::types::{FileId, Handle, Lsn, TxId};
+
+/// An errno for the FUSE reply. Only `fuse/` turns it into the kernel's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl From<io::Error> for Errno {
+    fn from(e: io::Error) -> Errno {
+        Errno(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl From<JournalError> for Errno {
+    fn from(e: JournalError) -> Errno {
+        tracing::error!("journal: {e}");
+        Errno(e.errno())
+    }
+}
+
+type R<T> = Result<T, Errno>;
+
+#[derive(Clone, Copy, Debug)]
+pub struct CoreConfig {
+    /// Stripes of per-file locks: writes to one file are journaled and applied in one order.
+    pub file_lock_stripes: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig { file_lock_stripes: 64 }
+    }
+}
+
+pub struct Core<S: Storage, T: Tree> {
+    pub journal: Arc<Journal<S>>,
+    pub tree: Arc<T>,
+    ids: Arc<Mutex<IdTable<T::Node>>>,
+    /// Held from "is this handle known" to "its bind record is in the log", so no record can
+    /// name an id before the record that binds it.
+    bind_lock: Mutex<()>,
+    /// Namespace ops are journaled and applied in one order.
+    namespace: Mutex<()>,
+    files: Vec<Mutex<()>>,
+    root: Arc<T::Node>,
+}
+
+impl<S: Storage, T: Tree> Core<S, T> {
+    /// Wires the write path over an opened journal and tree; `ids` is the table recovery
+    /// rebuilt. Installs the checkpoint hook (sync the tree, persist the id table).
+    pub fn new(journal: Journal<S>, tree: T, ids: IdTable<T::Node>, config: CoreConfig) -> io::Result<Self> {
+        let journal = Arc::new(journal);
+        let tree = Arc::new(tree);
+        let ids = Arc::new(Mutex::new(ids));
+        let root = Arc::new(tree.root()?);
+        {
+            let (tree, ids, j) = (tree.clone(), ids.clone(), Arc::downgrade(&journal));
+            journal.set_checkpoint_hook(Box::new(move || {
+                tree.sync_all()?;
+                let snap = ids.lock().unwrap().snapshot();
+                if let Some(j) = j.upgrade() {
+                    j.storage().write_file_atomic(IDS_FILE, &snap.encode())?;
+                }
+                Ok(snap.next_file_id)
+            }));
+        }
+        let files = (0..config.file_lock_stripes.max(1)).map(|_| Mutex::new(())).collect();
+        Ok(Core { journal, tree, ids, bind_lock: Mutex::new(()), namespace: Mutex::new(()), files, root })
+    }
+
+    fn file_lock(&self, id: FileId) -> MutexGuard<'_, ()> {
+        self.files[(id.0 as usize) % self.files.len()].lock().unwrap()
+    }
+
+    pub fn ids(&self) -> MutexGuard<'_, IdTable<T::Node>> {
+        self.ids.lock().unwrap()
+    }
+
+    // ----- resolving ids -----------------------------------------------------------------
+
+    /// The open node of `id`: held by the kernel, or reopened from its handle.
+    pub fn node(&self, id: FileId) -> R<Arc<T::Node>> {
+        if id == FileId::ROOT {
+            return Ok(self.root.clone());
+        }
+        let handle = {
+            let ids = self.ids();
+            if let Some(n) = ids.node(id) {
+                return Ok(n);
+            }
+            ids.handle(id).cloned().ok_or(Errno(libc::ESTALE))?
+        };
+        Ok(Arc::new(self.tree.open_handle(&handle)?))
+    }
+
+    /// The id of an object, binding a new one (journaled) when ferryfs has not seen it.
+    fn id_for(&self, node: &T::Node) -> R<FileId> {
+        let handle = self.tree.handle_of(node)?;
+        if handle == self.tree.handle_of(&self.root)? {
+            return Ok(FileId::ROOT);
+        }
+        let _bind = self.bind_lock.lock().unwrap();
+        if let Some(id) = self.ids().id_of(&handle) {
+            return Ok(id);
+        }
+        let id = {
+            let mut ids = self.ids();
+            let id = ids.allocate();
+            ids.insert(id, handle.clone());
+            id
+        };
+        self.journal.append_bind(None, id, &handle)?;
+        Ok(id)
+    }
+
+    /// The kernel now holds one more reference to `id`.
+    fn hold(&self, id: FileId, node: Arc<T::Node>) {
+        if id != FileId::ROOT {
+            self.ids().hold(id, node);
+        }
+    }
+
+    pub fn forget(&self, id: FileId, n: u64) {
+        self.ids().forget(id, n);
+    }
+
+    /// Looks up `name` in `parent` and counts a kernel reference to the result.
+    pub fn lookup(&self, parent: FileId, name: &[u8]) -> R<(FileId, Arc<T::Node>)> {
+        let dir = self.node(parent)?;
+        let node = Arc::new(self.tree.lookup(&dir, name)?);
+        let id = self.id_for(&node)?;
+        self.hold(id, node.clone());
+        Ok((id, node))
+    }
+
+    // ----- the transaction pattern -------------------------------------------------------
+
+    /// Journals `op`, applies it with `apply`, then journals the outcome.
+    fn transact<X>(&self, op: &Op, apply: impl FnOnce() -> io::Result<X>) -> R<(TxId, X)> {
+        let tx = self.journal.append_op(op)?;
+        match apply() {
+            Ok(x) => Ok((tx, x)),
+            Err(e) => {
+                let errno = Errno::from(e);
+                self.journal.abort(tx, errno.0)?;
+                Err(errno)
+            }
+        }
+    }
+
+    // ----- namespace ---------------------------------------------------------------------
+
+    /// Creates an object of any kind; the id is assigned before the intent is journaled.
+    pub fn create(&self, parent: FileId, name: &[u8], new: &NewNode<'_>) -> R<(FileId, Arc<T::Node>)> {
+        let dir = self.node(parent)?;
+        let _ns = self.namespace.lock().unwrap();
+        let new_id = self.ids().allocate();
+        let op = Op::Create {
+            parent,
+            name: name.to_vec(),
+            new_id,
+            kind: new.kind,
+            mode: new.mode,
+            uid: new.uid,
+            gid: new.gid,
+            rdev: new.rdev,
+            target: new.target.to_vec(),
+        };
+        let (tx, node) = self.transact(&op, || self.tree.create(&dir, name, new))?;
+        let node = Arc::new(node);
+        let handle = self.tree.handle_of(&node);
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                self.journal.commit(tx)?;
+                return Err(e.into());
+            }
+        };
+        self.ids().insert(new_id, handle.clone());
+        self.journal.append_bind(Some(tx), new_id, &handle)?;
+        self.journal.commit(tx)?;
+        self.hold(new_id, node.clone());
+        Ok((new_id, node))
+    }
+
+    pub fn link(&self, id: FileId, new_parent: FileId, new_name: &[u8]) -> R<Arc<T::Node>> {
+        let node = self.node(id)?;
+        let dir = self.node(new_parent)?;
+        let _ns = self.namespace.lock().unwrap();
+        let op = Op::Link { id, new_parent, new_name: new_name.to_vec() };
+        let (tx, ()) = self.transact(&op, || self.tree.link(&node, &dir, new_name))?;
+        self.journal.commit(tx)?;
+        self.hold(id, node.clone());
+        Ok(node)
+    }
+
+    /// The id a name currently refers to, without counting a kernel reference.
+    fn peek(&self, dir: &T::Node, name: &[u8]) -> R<FileId> {
+        let node = self.tree.lookup(dir, name)?;
+        self.id_for(&node)
+    }
+
+    pub fn unlink(&self, parent: FileId, name: &[u8], is_dir: bool) -> R<()> {
+        let dir = self.node(parent)?;
+        let _ns = self.namespace.lock().unwrap();
+        let id = self.peek(&dir, name)?;
+        let op = Op::Unlink { parent, name: name.to_vec(), id, dir: is_dir };
+        let (tx, ()) = self.transact(&op, || self.tree.unlink(&dir, name, is_dir))?;
+        self.journal.commit(tx)?;
+        Ok(())
+    }
+
+    pub fn rename(&self, parent: FileId, name: &[u8], new_parent: FileId, new_name: &[u8], flags: u32) -> R<()> {
+        let from = self.node(parent)?;
+        let to = self.node(new_parent)?;
+        let _ns = self.namespace.lock().unwrap();
+        let id = self.peek(&from, name)?;
+        let replaced = match self.peek(&to, new_name) {
+            Ok(r) => r,
+            Err(Errno(libc::ENOENT)) => FileId::NONE,
+            Err(e) => return Err(e),
+        };
+        let op = Op::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags, id, replaced };
+        let (tx, ()) = self.transact(&op, || self.tree.rename(&from, name, &to, new_name, flags))?;
+        self.journal.commit(tx)?;
+        Ok(())
+    }
+
+    // ----- attributes --------------------------------------------------------------------
+
+    pub fn set_attr(&self, id: FileId, attr: &SetAttr) -> R<Arc<T::Node>> {
+        let node = self.node(id)?;
+        let _f = self.file_lock(id);
+        let op = Op::SetAttr { id, attr: attr.clone() };
+        let (tx, ()) = self.transact(&op, || self.tree.set_attr(&node, attr))?;
+        self.journal.commit(tx)?;
+        Ok(node)
+    }
+
+    pub fn set_xattr(&self, id: FileId, name: &[u8], value: &[u8], flags: u32) -> R<()> {
+        let node = self.node(id)?;
+        let _f = self.file_lock(id);
+        let op = Op::SetXattr { id, name: name.to_vec(), value: value.to_vec(), flags };
+        let (tx, ()) = self.transact(&op, || self.tree.set_xattr(&node, name, value, flags))?;
+        self.journal.commit(tx)?;
+        Ok(())
+    }
+
+    pub fn remove_xattr(&self, id: FileId, name: &[u8]) -> R<()> {
+        let node = self.node(id)?;
+        let _f = self.file_lock(id);
+        let op = Op::RemoveXattr { id, name: name.to_vec() };
+        let (tx, ()) = self.transact(&op, || self.tree.remove_xattr(&node, name))?;
+        self.journal.commit(tx)?;
+        Ok(())
+    }
+
+    /// `apply` runs the fallocate on an open fd when the caller has one.
+    pub fn fallocate(&self, id: FileId, mode: u32, offset: u64, len: u64, apply: Option<&dyn Fn() -> io::Result<()>>) -> R<()> {
+        let node = self.node(id)?;
+        let _f = self.file_lock(id);
+        let op = Op::Fallocate { id, mode, offset, len };
+        let (tx, ()) = self.transact(&op, || match apply {
+            Some(f) => f(),
+            None => self.tree.fallocate(&node, mode, offset, len),
+        })?;
+        self.journal.commit(tx)?;
+        Ok(())
+    }
+
+    // ----- data --------------------------------------------------------------------------
+
+    /// Journals `data` at `offset` of `id`, then writes it with `apply` (a pwrite on the open
+    /// fd, which must write everything or fail). An `Abort` follows a failed write.
+    pub fn write(&self, id: FileId, offset: u64, data: &[u8], apply: impl FnOnce() -> io::Result<()>) -> R<TxId> {
+        let _f = self.file_lock(id);
+        let tx = self.journal.append_write(id, offset, data)?;
+        match apply() {
+            Ok(()) => {
+                self.journal.done(tx);
+                Ok(tx)
+            }
+            Err(e) => {
+                let errno = Errno::from(e);
+                self.journal.abort(tx, errno.0)?;
+                Err(errno)
+            }
+        }
+    }
+
+    /// Writes through the tree (no open fd): used by the simulation and tools.
+    pub fn write_via_tree(&self, id: FileId, offset: u64, data: &[u8]) -> R<TxId> {
+        let node = self.node(id)?;
+        self.write(id, offset, data, || self.tree.write(&node, offset, data))
+    }
+
+    /// fsync/fdatasync/O_SYNC: every record journaled so far is durable when this returns.
+    /// Concurrent callers share one flush.
+    pub fn sync(&self) -> R<Lsn> {
+        Ok(self.journal.sync()?)
+    }
+
+    pub fn checkpoint(&self) -> R<Lsn> {
+        Ok(self.journal.checkpoint()?)
+    }
+
+    /// The handle of the object `id`, for tools and tests.
+    pub fn handle_of(&self, id: FileId) -> Option<Handle> {
+        self.ids().handle(id).cloned()
+    }
+
+    /// True when `kind` makes a directory.
+    pub fn is_dir(kind: NodeKind) -> bool {
+        kind == NodeKind::Dir
+    }
+}

@@ -1,0 +1,335 @@
+//! A simulated backing tree: inodes in memory.
+//!
+//! Fault model:
+//! - Process crash: nothing is lost (the backing filesystem's page cache survives).
+//! - Machine crash (`crash_machine`): everything since the last `sync_all` is lost; the tree
+//!   returns to the state the last syncfs made durable. (Worse than a real filesystem, which
+//!   may keep some of it; recovery must not depend on either.)
+//!
+//! Handles are (inode number, generation); inode numbers are never reused, so a handle of a
+//! removed object is stale forever, as with a real file handle.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use crate::format::ops::{NodeKind, SetAttr};
+use crate::io::{NewNode, Tree};
+use crate::types::Handle;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub kind: NodeKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub data: Vec<u8>,
+    pub entries: BTreeMap<Vec<u8>, u64>,
+    pub nlink: u32,
+    pub target: Vec<u8>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct State {
+    inodes: BTreeMap<u64, Inode>,
+    next_ino: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    current: State,
+    durable: State,
+}
+
+/// Clones share one tree.
+#[derive(Clone)]
+pub struct SimTree {
+    s: Arc<Mutex<Shared>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimNode(pub u64);
+
+const ROOT_INO: u64 = 1;
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+impl Default for SimTree {
+    fn default() -> Self {
+        SimTree::new()
+    }
+}
+
+impl SimTree {
+    pub fn new() -> SimTree {
+        let root = Inode {
+            kind: NodeKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            data: vec![],
+            entries: BTreeMap::new(),
+            nlink: 2,
+            target: vec![],
+            xattrs: BTreeMap::new(),
+        };
+        let st = State { inodes: BTreeMap::from([(ROOT_INO, root)]), next_ino: 2 };
+        SimTree { s: Arc::new(Mutex::new(Shared { current: st.clone(), durable: st })) }
+    }
+
+    /// Loses everything since the last `sync_all`.
+    pub fn crash_machine(&self) {
+        let mut s = self.s.lock().unwrap();
+        // Inode numbers are not handed out again (a real filesystem's generation numbers
+        // make a reused inode a different handle).
+        let next_ino = s.current.next_ino;
+        s.current = s.durable.clone();
+        s.current.next_ino = next_ino;
+    }
+
+    /// An independent copy of the current state (durable = current).
+    pub fn fork(&self) -> SimTree {
+        let s = self.s.lock().unwrap();
+        SimTree { s: Arc::new(Mutex::new(Shared { current: s.current.clone(), durable: s.current.clone() })) }
+    }
+
+    /// `path → inode number`, for traces.
+    pub fn inodes(&self) -> Vec<(String, u64)> {
+        let s = self.s.lock().unwrap();
+        let mut out = vec![];
+        fn go(st: &State, ino: u64, p: String, out: &mut Vec<(String, u64)>) {
+            for (n, c) in &st.inodes[&ino].entries {
+                let path = format!("{p}/{}", String::from_utf8_lossy(n));
+                out.push((path.clone(), *c));
+                if st.inodes[c].kind == NodeKind::Dir {
+                    go(st, *c, path, out);
+                }
+            }
+        }
+        go(&s.current, ROOT_INO, String::new(), &mut out);
+        out
+    }
+
+    /// The tree as `path → (kind, content or target)`, for comparing states in checkers.
+    pub fn listing(&self) -> BTreeMap<String, (NodeKind, Vec<u8>)> {
+        let s = self.s.lock().unwrap();
+        let mut out = BTreeMap::new();
+        walk(&s.current, ROOT_INO, String::new(), &mut out);
+        out
+    }
+}
+
+fn walk(st: &State, ino: u64, prefix: String, out: &mut BTreeMap<String, (NodeKind, Vec<u8>)>) {
+    for (name, child) in &st.inodes[&ino].entries {
+        let path = format!("{prefix}/{}", String::from_utf8_lossy(name));
+        let i = &st.inodes[child];
+        let content = match i.kind {
+            NodeKind::Symlink => i.target.clone(),
+            _ => i.data.clone(),
+        };
+        out.insert(path.clone(), (i.kind, content));
+        if i.kind == NodeKind::Dir {
+            walk(st, *child, path, out);
+        }
+    }
+}
+
+impl State {
+    fn get(&self, n: &SimNode) -> io::Result<&Inode> {
+        self.inodes.get(&n.0).ok_or_else(|| err(libc::ESTALE))
+    }
+    fn get_mut(&mut self, n: &SimNode) -> io::Result<&mut Inode> {
+        self.inodes.get_mut(&n.0).ok_or_else(|| err(libc::ESTALE))
+    }
+    fn dir(&self, n: &SimNode) -> io::Result<&Inode> {
+        let i = self.get(n)?;
+        if i.kind != NodeKind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        Ok(i)
+    }
+    fn child(&self, dir: &SimNode, name: &[u8]) -> io::Result<u64> {
+        self.dir(dir)?.entries.get(name).copied().ok_or_else(|| err(libc::ENOENT))
+    }
+    fn drop_link(&mut self, ino: u64) {
+        let i = self.inodes.get_mut(&ino).unwrap();
+        i.nlink -= if i.kind == NodeKind::Dir { 2 } else { 1 };
+        if i.nlink == 0 {
+            self.inodes.remove(&ino);
+        }
+    }
+}
+
+impl Tree for SimTree {
+    type Node = SimNode;
+
+    fn root(&self) -> io::Result<SimNode> {
+        Ok(SimNode(ROOT_INO))
+    }
+
+    fn open_handle(&self, handle: &Handle) -> io::Result<SimNode> {
+        let ino = u64::from_le_bytes(handle.0.as_slice().try_into().map_err(|_| err(libc::EINVAL))?);
+        let s = self.s.lock().unwrap();
+        s.current.get(&SimNode(ino))?;
+        Ok(SimNode(ino))
+    }
+
+    fn handle_of(&self, node: &SimNode) -> io::Result<Handle> {
+        Ok(Handle(node.0.to_le_bytes().to_vec()))
+    }
+
+    fn lookup(&self, dir: &SimNode, name: &[u8]) -> io::Result<SimNode> {
+        Ok(SimNode(self.s.lock().unwrap().current.child(dir, name)?))
+    }
+
+    fn create(&self, dir: &SimNode, name: &[u8], new: &NewNode<'_>) -> io::Result<SimNode> {
+        let mut s = self.s.lock().unwrap();
+        let st = &mut s.current;
+        if st.dir(dir)?.entries.contains_key(name) {
+            return Err(err(libc::EEXIST));
+        }
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        let is_dir = new.kind == NodeKind::Dir;
+        st.inodes.insert(
+            ino,
+            Inode {
+                kind: new.kind,
+                mode: new.mode,
+                uid: new.uid,
+                gid: new.gid,
+                data: vec![],
+                entries: BTreeMap::new(),
+                nlink: if is_dir { 2 } else { 1 },
+                target: new.target.to_vec(),
+                xattrs: BTreeMap::new(),
+            },
+        );
+        st.get_mut(dir)?.entries.insert(name.to_vec(), ino);
+        Ok(SimNode(ino))
+    }
+
+    fn link(&self, node: &SimNode, dir: &SimNode, name: &[u8]) -> io::Result<()> {
+        let mut s = self.s.lock().unwrap();
+        let st = &mut s.current;
+        if st.get(node)?.kind == NodeKind::Dir {
+            return Err(err(libc::EPERM));
+        }
+        if st.dir(dir)?.entries.contains_key(name) {
+            return Err(err(libc::EEXIST));
+        }
+        st.get_mut(node)?.nlink += 1;
+        st.get_mut(dir)?.entries.insert(name.to_vec(), node.0);
+        Ok(())
+    }
+
+    fn unlink(&self, dir: &SimNode, name: &[u8], is_dir: bool) -> io::Result<()> {
+        let mut s = self.s.lock().unwrap();
+        let st = &mut s.current;
+        let ino = st.child(dir, name)?;
+        let victim = &st.inodes[&ino];
+        match (is_dir, victim.kind == NodeKind::Dir) {
+            (true, false) => return Err(err(libc::ENOTDIR)),
+            (false, true) => return Err(err(libc::EISDIR)),
+            (true, true) if !victim.entries.is_empty() => return Err(err(libc::ENOTEMPTY)),
+            _ => {}
+        }
+        st.get_mut(dir)?.entries.remove(name);
+        st.drop_link(ino);
+        Ok(())
+    }
+
+    fn rename(&self, dir: &SimNode, name: &[u8], new_dir: &SimNode, new_name: &[u8], flags: u32) -> io::Result<()> {
+        let mut s = self.s.lock().unwrap();
+        let st = &mut s.current;
+        let ino = st.child(dir, name)?;
+        let existing = st.dir(new_dir)?.entries.get(new_name).copied();
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            let other = existing.ok_or_else(|| err(libc::ENOENT))?;
+            st.get_mut(dir)?.entries.insert(name.to_vec(), other);
+            st.get_mut(new_dir)?.entries.insert(new_name.to_vec(), ino);
+            return Ok(());
+        }
+        if let Some(other) = existing {
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(err(libc::EEXIST));
+            }
+            if other == ino {
+                return Ok(());
+            }
+            let o = &st.inodes[&other];
+            if o.kind == NodeKind::Dir && !o.entries.is_empty() {
+                return Err(err(libc::ENOTEMPTY));
+            }
+            st.drop_link(other);
+        }
+        st.get_mut(dir)?.entries.remove(name);
+        st.get_mut(new_dir)?.entries.insert(new_name.to_vec(), ino);
+        Ok(())
+    }
+
+    fn set_attr(&self, node: &SimNode, attr: &SetAttr) -> io::Result<()> {
+        let mut s = self.s.lock().unwrap();
+        let i = s.current.get_mut(node)?;
+        if let Some(m) = attr.mode {
+            i.mode = m;
+        }
+        if let Some(u) = attr.uid {
+            i.uid = u;
+        }
+        if let Some(g) = attr.gid {
+            i.gid = g;
+        }
+        if let Some(size) = attr.size {
+            if i.kind != NodeKind::File {
+                return Err(err(libc::EISDIR));
+            }
+            i.data.resize(size as usize, 0);
+        }
+        Ok(())
+    }
+
+    fn write(&self, node: &SimNode, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut s = self.s.lock().unwrap();
+        let i = s.current.get_mut(node)?;
+        if i.kind != NodeKind::File {
+            return Err(err(libc::EISDIR));
+        }
+        let end = offset as usize + data.len();
+        if i.data.len() < end {
+            i.data.resize(end, 0);
+        }
+        i.data[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn set_xattr(&self, node: &SimNode, name: &[u8], value: &[u8], _flags: u32) -> io::Result<()> {
+        let mut s = self.s.lock().unwrap();
+        s.current.get_mut(node)?.xattrs.insert(name.to_vec(), value.to_vec());
+        Ok(())
+    }
+
+    fn remove_xattr(&self, node: &SimNode, name: &[u8]) -> io::Result<()> {
+        let mut s = self.s.lock().unwrap();
+        s.current.get_mut(node)?.xattrs.remove(name).map(|_| ()).ok_or_else(|| err(libc::ENODATA))
+    }
+
+    fn fallocate(&self, node: &SimNode, _mode: u32, offset: u64, len: u64) -> io::Result<()> {
+        let mut s = self.s.lock().unwrap();
+        let i = s.current.get_mut(node)?;
+        let end = (offset + len) as usize;
+        if i.data.len() < end {
+            i.data.resize(end, 0);
+        }
+        Ok(())
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        let mut s = self.s.lock().unwrap();
+        s.durable = s.current.clone();
+        Ok(())
+    }
+}
