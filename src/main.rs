@@ -1,3 +1,46 @@
+//! `ferryfs`: clap dispatch only; each subcommand lives in `cmd/`.
+
+use clap::{Parser, Subcommand};
+
+use ferryfs::cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "ferryfs",
+    version,
+    about = "A journaled, replicating FUSE filesystem",
+    long_about = "ferryfs mounts a FUSE filesystem over a backing directory and records every change in a \
+crc-checked, memory-mapped write-ahead journal before it answers. See `ferryfs <command> --help`, \
+README.md and docs/ (FORMAT.md, OPERATIONS.md, PERFORMANCE.md)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Mount(cmd::mount::MountArgs),
+    Replay(cmd::replay::ReplayArgs),
+    Inspect(cmd::inspect::InspectArgs),
+}
+
 fn main() {
-    println!("Hello, world!");
+    ferryfs::os::restore_sigpipe();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRYFS_LOG").unwrap_or_else(|_| "warn,fuser=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Mount(a) => cmd::mount::run(a),
+        Command::Replay(a) => cmd::replay::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("ferryfs: error: {e:#}");
+        std::process::exit(1);
+    }
 }

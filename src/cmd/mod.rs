@@ -1,1 +1,6 @@
+//! One file per subcommand; `anyhow` lives here and in main.rs only.
 
+pub mod common;
+pub mod inspect;
+pub mod mount;
+pub mod replay;

@@ -121,6 +121,28 @@ impl Op {
         }
     }
 
+    /// One line for operators: ids as `#n`, names as text.
+    pub fn describe(&self) -> String {
+        let n = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        match self {
+            Op::Create { parent, name, new_id, kind, mode, uid, gid, rdev, target } => format!(
+                "create {parent}/{:?} -> {new_id} {kind:?} mode={mode:o} owner={uid}:{gid}{}{}",
+                n(name),
+                if *rdev != 0 { format!(" rdev={rdev}") } else { String::new() },
+                if target.is_empty() { String::new() } else { format!(" target={:?}", n(target)) }
+            ),
+            Op::Link { id, new_parent, new_name } => format!("link {id} as {new_parent}/{:?}", n(new_name)),
+            Op::Unlink { parent, name, id, dir } => format!("{} {parent}/{:?} ({id})", if *dir { "rmdir" } else { "unlink" }, n(name)),
+            Op::Rename { parent, name, new_parent, new_name, flags, id, replaced } => {
+                format!("rename {parent}/{:?} ({id}) to {new_parent}/{:?} (replacing {replaced}) flags={flags}", n(name), n(new_name))
+            }
+            Op::SetAttr { id, attr } => format!("setattr {id} {attr:?}"),
+            Op::SetXattr { id, name, value, flags } => format!("setxattr {id} {:?} ({} bytes) flags={flags}", n(name), value.len()),
+            Op::RemoveXattr { id, name } => format!("removexattr {id} {:?}", n(name)),
+            Op::Fallocate { id, mode, offset, len } => format!("fallocate {id} mode={mode} offset={offset} len={len}"),
+        }
+    }
+
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Op::Create { parent, name, new_id, kind, mode, uid, gid, rdev, target } => {

@@ -28,7 +28,12 @@ use crate::types::Lsn;
 pub enum EndKind {
     /// No further record: the log ends cleanly here.
     Clean,
-    /// The record expected here fails its checks: a torn write or corruption.
+    /// The record expected here fails its checks and nothing valid follows: the torn last
+    /// write of a crash. Its transaction was never acknowledged.
+    Torn(String),
+    /// The record expected here is bad or missing, yet valid records with higher LSNs follow:
+    /// corruption inside the log (or pages written out of order before a power loss).
+    /// Recovery refuses unless told to discard everything from here on.
     Corrupt(String),
 }
 
@@ -83,7 +88,11 @@ pub fn scan<S: Storage>(
                 expected = expected.next();
             }
             Verdict::Corrupt(why) => {
-                return Ok(ScanEnd { pos, next_lsn: expected, kind: EndKind::Corrupt(why.clone()), found: why });
+                let kind = match find_later_record(&seg, pos.offset as usize + record::RECORD_ALIGN, expected) {
+                    Some((lsn, off)) => EndKind::Corrupt(format!("{why}; valid records follow (lsn {lsn} at offset {off})")),
+                    None => EndKind::Torn(why.clone()),
+                };
+                return Ok(ScanEnd { pos, next_lsn: expected, kind, found: why });
             }
             Verdict::SegmentEnd(found) => {
                 let next = pos.seq + 1;
@@ -107,15 +116,14 @@ pub fn scan<S: Storage>(
                         pos = Position { seq: next, offset: SEGMENT_HEADER_SIZE as u64 };
                     }
                     None => {
-                        let found = match find_later_record(&seg, pos.offset as usize, expected) {
-                            Some((lsn, off)) => format!(
-                                "{found}; note: a valid record with a higher LSN ({lsn}) lies at offset {off} of this segment: \
-                                 unflushed writes that reached the disk out of order at a crash (normal), or a hole from \
-                                 corruption; it was not applied"
-                            ),
-                            None => found,
+                        let kind = match find_later_record(&seg, pos.offset as usize, expected) {
+                            Some((lsn, off)) => EndKind::Corrupt(format!(
+                                "{found} where record {expected} should be, yet a valid record with a higher LSN ({lsn}) \
+                                 lies at offset {off}: a hole in the log"
+                            )),
+                            None => EndKind::Clean,
                         };
-                        return Ok(ScanEnd { pos, next_lsn: expected, kind: EndKind::Clean, found });
+                        return Ok(ScanEnd { pos, next_lsn: expected, kind, found });
                     }
                 }
             }

@@ -33,12 +33,24 @@ pub fn recover<S: Storage, T: Tree>(
     sb: Superblock,
     tree: &T,
     boot_id: [u8; 16],
+    discard_after_corruption: bool,
     progress: Progress<'_>,
 ) -> Result<Opened<S>, JournalError> {
     let mut ids = IdMap::load(&storage)?;
     let end = replay::find_end(&storage, &sb)?;
-    if let EndKind::Corrupt(_) = end.kind {
-        keep_tail(&storage, &sb, end.pos, end.next_lsn.0)?;
+    match &end.kind {
+        EndKind::Corrupt(why) if !discard_after_corruption => {
+            return Err(JournalError::Corrupt(format!(
+                "{}, segment file {} offset {}: {why}. Nothing was changed. Replaying would apply the records \
+                 before it and discard everything after it: check the disk, keep a copy of the journal directory, \
+                 then run `ferryfs replay --discard-after-corruption` to do so",
+                end.next_lsn,
+                crate::format::segment::segment_name((end.pos.seq % sb.segment_count as u64) as u32),
+                end.pos.offset
+            )));
+        }
+        EndKind::Corrupt(_) | EndKind::Torn(_) => keep_tail(&storage, &sb, end.pos, end.next_lsn.0)?,
+        EndKind::Clean => {}
     }
     let journal = Journal::open(storage, sb.clone(), end.pos, end.next_lsn)?;
     let report = replay::replay(journal.storage(), &sb, tree, &mut ids, Some(&journal), boot_id, progress)?;

@@ -51,7 +51,7 @@ pub struct ReplayReport {
 
 impl ReplayReport {
     pub fn end_is_corrupt(&self) -> bool {
-        matches!(self.end.as_ref().map(|e| &e.kind), Some(EndKind::Corrupt(_)))
+        matches!(self.end.as_ref().map(|e| &e.kind), Some(EndKind::Corrupt(_) | EndKind::Torn(_)))
     }
 }
 

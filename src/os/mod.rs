@@ -3,3 +3,11 @@
 
 pub mod storage;
 pub mod tree;
+
+/// Lets a command whose output is piped into `head` end quietly, as Unix tools do.
+pub fn restore_sigpipe() {
+    // SAFETY: setting a signal disposition to the default has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

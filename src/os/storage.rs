@@ -24,6 +24,22 @@ impl DirStorage {
         DirStorage { dir: dir.to_path_buf() }
     }
 
+    /// The superblock file's bytes, `None` when this directory has no journal yet; errors
+    /// when segment files exist without a superblock (a damaged journal, not a new one).
+    pub fn read_superblock_if_any(&self) -> io::Result<Option<Vec<u8>>> {
+        let sb = self.read_superblock()?;
+        if sb.is_none() && self.segment_count()? > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds journal segments but no superblock: the journal is damaged; nothing was changed",
+                    self.dir.display()
+                ),
+            ));
+        }
+        Ok(sb)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -4,7 +4,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::ids::IdTable;
-use crate::format::ops::{NodeKind, Op, SetAttr};
+use crate::format::ops::{Op, SetAttr};
 use crate::io::{NewNode, Storage, Tree};
 use crate::journal::replay::IDS_FILE;
 use crate::journal::{Journal, JournalError};
@@ -313,13 +313,13 @@ impl<S: Storage, T: Tree> Core<S, T> {
         Ok(self.journal.checkpoint()?)
     }
 
+    /// The id of `name` in `dir` (bound on first sight), without a kernel reference.
+    pub fn peek_id(&self, dir: &T::Node, name: &[u8]) -> R<FileId> {
+        self.peek(dir, name)
+    }
+
     /// The handle of the object `id`, for tools and tests.
     pub fn handle_of(&self, id: FileId) -> Option<Handle> {
         self.ids().handle(id).cloned()
-    }
-
-    /// True when `kind` makes a directory.
-    pub fn is_dir(kind: NodeKind) -> bool {
-        kind == NodeKind::Dir
     }
 }

@@ -132,7 +132,7 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
             eprintln!("ids (id, ino): {v:?}");
         }
         check_idempotent(&storage, &sb, &tree, boot).map_err(|e| format!("cycle {cycle}: {e}"))?;
-        let opened = recovery::recover(storage.clone(), sb, &tree, boot, &mut |_, _| {}).map_err(|e| format!("cycle {cycle}: recovery failed: {e}"))?;
+        let opened = recovery::recover(storage.clone(), sb, &tree, boot, true, &mut |_, _| {}).map_err(|e| format!("cycle {cycle}: recovery failed: {e}"))?;
         stats.records_replayed += opened.report.records;
         if !opened.report.failed.is_empty() {
             return Err(format!("cycle {cycle}: redo failures: {:?}", opened.report.failed));

@@ -1,0 +1,251 @@
+//! `ferryfs mount`: the journaled FUSE mount, in the foreground.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fuser::{Config, MountOption, SessionACL};
+
+use super::common::{self, parse_duration, parse_size};
+use crate::format::superblock::Superblock;
+use crate::fuse::{FerryFs, FuseOptions};
+use crate::journal::{JournalGeometry, recovery};
+use crate::limits::{CHECKPOINT_INTERVAL_DEFAULT_MS, SEGMENT_SIZE_DEFAULT, SEGMENT_SIZE_MIN, SEGMENTS_MIN};
+use crate::os::storage::DirStorage;
+use crate::os::tree::OsTree;
+use crate::passthrough::{Core, CoreConfig, IdTable};
+use crate::types::{FileId, Lsn};
+
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Mount a journaled view of a backing directory (runs in the foreground)",
+    long_about = "Mounts MOUNTPOINT as a FUSE filesystem that passes every operation through to the backing \
+directory and records every change in the journal before it answers.\n\n\
+Durability: when fsync, fdatasync or an O_SYNC/O_DSYNC write returns, the data is durable in the \
+journal (concurrent fsyncs share one flush). Other writes become durable within --commit-interval. \
+The backing directory is synced at each checkpoint (--checkpoint-interval), which frees journal space.\n\n\
+The journal directory is created on first use and belongs to this backing directory from then on. \
+If the journal was not closed cleanly (a crash, kill -9, power loss), mount first replays it, as \
+`ferryfs replay` would.\n\n\
+Run as root, the mount is shared by every user with the kernel's permission checks \
+(allow_other, default_permissions); --private restricts it to the mounting user.\n\n\
+Stops with a clean unmount on SIGINT, SIGTERM or `umount MOUNTPOINT`."
+)]
+pub struct MountArgs {
+    /// Where to mount (an existing, empty, not already mounted directory).
+    pub mountpoint: PathBuf,
+    /// The directory whose contents are served and journaled.
+    #[arg(long, value_name = "DIR")]
+    pub backing: PathBuf,
+    /// The journal directory (must exist; a journal is created in it on first use).
+    #[arg(long, value_name = "DIR")]
+    pub journal: PathBuf,
+    /// Threads serving kernel requests.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub threads: usize,
+    /// Total journal size for a new journal (e.g. 1G, 256M).
+    #[arg(long, default_value = "1G", value_parser = parse_size, value_name = "SIZE")]
+    pub journal_size: u64,
+    /// Segment file size for a new journal.
+    #[arg(long, default_value = "64M", value_parser = parse_size, value_name = "SIZE")]
+    pub segment_size: u64,
+    /// Un-synced writes become durable in the journal within this time.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub commit_interval: Duration,
+    /// How often the backing directory is synced and journal space freed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub checkpoint_interval: Duration,
+    /// Only the mounting user may use the mount (no allow_other).
+    #[arg(long)]
+    pub private: bool,
+    /// Use the kernel's writeback cache: faster small writes, but un-synced writes reach the
+    /// journal only when the kernel writes them back (up to its dirty_expire time, 30 s by
+    /// default) plus --commit-interval.
+    #[arg(long)]
+    pub writeback_cache: bool,
+    /// Seconds the kernel may cache names and attributes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub attr_timeout: Duration,
+}
+
+pub fn run(a: MountArgs) -> Result<()> {
+    let mountpoint = common::existing_dir("mountpoint", &a.mountpoint)?;
+    let backing = common::existing_dir("--backing", &a.backing)?;
+    let journal = common::existing_dir("--journal", &a.journal)?;
+    check_layout(&mountpoint, &backing, &journal)?;
+    let _lock = common::lock_journal(&journal)?;
+    let storage = DirStorage::new(&journal);
+    let tree = OsTree::open(&backing).with_context(|| format!("--backing {}", backing.display()))?;
+    let boot = common::boot_id();
+
+    let opened = match storage.read_superblock_if_any()? {
+        None => {
+            let geometry = geometry(a.journal_size, a.segment_size)?;
+            eprintln!(
+                "ferryfs: creating a journal in {} ({} segments of {})",
+                journal.display(),
+                geometry.segment_count,
+                common::human_bytes(geometry.segment_size)
+            );
+            recovery::create(storage, geometry, new_superblock(&backing)?).map_err(|e| anyhow::anyhow!("{e}"))?
+        }
+        Some(_) => {
+            let sb = common::superblock(&storage)?;
+            common::check_backing(&sb, &backing, &journal)?;
+            let dirty = !sb.clean;
+            if dirty {
+                eprintln!("ferryfs: journal {} was not closed cleanly: replaying it", journal.display());
+            }
+            let opened = recovery::recover(storage, sb.clone(), &tree, boot, false, &mut |_, _| {})
+                .map_err(|e| anyhow::anyhow!("recovery of {} failed: {e}", journal.display()))?;
+            if dirty {
+                eprint!("{}", super::replay::describe(&opened.report, &sb, false));
+            }
+            opened
+        }
+    };
+    opened.journal.mark_open(boot).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ids = IdTable::from_snapshot(opened.ids.snapshot());
+    let core = Arc::new(Core::new(opened.journal, tree, ids, CoreConfig::default())?);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = spawn_background(&core, &stop, a.commit_interval, a.checkpoint_interval);
+
+    let opts = FuseOptions { ttl: a.attr_timeout, writeback_cache: a.writeback_cache };
+    let fs = FerryFs::new(core.clone(), opts);
+    let session = fuser::Session::new(fs, &mountpoint, &fuse_config(&a, &backing))
+        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    let bg = session.spawn()?;
+    eprintln!("ferryfs: {} mounted on {} (journal {})", backing.display(), mountpoint.display(), journal.display());
+
+    let signalled = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, signalled.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, signalled.clone())?;
+    while !signalled.load(Ordering::Relaxed) && !bg.guard.is_finished() {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let ended = if bg.guard.is_finished() { bg.join() } else { bg.umount_and_join() };
+    if let Err(e) = ended {
+        eprintln!("ferryfs: the FUSE session ended with an error: {e}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in background {
+        let _ = t.join();
+    }
+    core.journal.close_clean().map_err(|e| anyhow::anyhow!("closing the journal: {e}"))?;
+    eprintln!("ferryfs: unmounted {}; journal closed cleanly", mountpoint.display());
+    Ok(())
+}
+
+fn check_layout(mountpoint: &Path, backing: &Path, journal: &Path) -> Result<()> {
+    if mountpoint == backing {
+        bail!("the mountpoint and --backing are the same directory ({}); mount somewhere else", backing.display());
+    }
+    if journal.starts_with(backing) || journal.starts_with(mountpoint) {
+        bail!("--journal {} lies inside the backing directory or the mountpoint; put it outside both", journal.display());
+    }
+    if backing.starts_with(mountpoint) {
+        bail!("--backing {} lies inside the mountpoint {}", backing.display(), mountpoint.display());
+    }
+    let here = std::fs::metadata(mountpoint)?;
+    let parent = std::fs::metadata(mountpoint.join(".."))?;
+    if here.dev() != parent.dev() || here.ino() == parent.ino() {
+        bail!("mountpoint {} is busy: something is already mounted there (see /proc/self/mountinfo)", mountpoint.display());
+    }
+    Ok(())
+}
+
+fn geometry(journal_size: u64, segment_size: u64) -> Result<JournalGeometry> {
+    if segment_size < SEGMENT_SIZE_MIN || segment_size % 4096 != 0 {
+        bail!("--segment-size {segment_size}: must be a multiple of 4 KiB and at least {SEGMENT_SIZE_MIN} bytes");
+    }
+    let count = journal_size / segment_size;
+    if count < SEGMENTS_MIN {
+        bail!("--journal-size {journal_size}: must hold at least {SEGMENTS_MIN} segments of --segment-size {segment_size}");
+    }
+    let count = u32::try_from(count).map_err(|_| anyhow::anyhow!("--journal-size: too many segments"))?;
+    Ok(JournalGeometry { segment_size, segment_count: count })
+}
+
+fn new_superblock(backing: &Path) -> Result<Superblock> {
+    let m = std::fs::metadata(backing)?;
+    let set_id: [u8; 16] = rand::random();
+    Ok(Superblock {
+        seq: 0,
+        clean: false,
+        set_id,
+        epoch: 0,
+        segment_size: SEGMENT_SIZE_DEFAULT,
+        segment_count: 0,
+        start_lsn: Lsn(1),
+        start_seq: 0,
+        start_offset: 0,
+        next_file_id: FileId::FIRST_FREE,
+        backing_dev: m.dev(),
+        backing_ino: m.ino(),
+        backing_path: backing.as_os_str().as_encoded_bytes().to_vec(),
+        boot_id: common::boot_id(),
+    })
+}
+
+fn fuse_config(a: &MountArgs, backing: &Path) -> Config {
+    let root = unsafe_geteuid() == 0;
+    let mut options = vec![
+        MountOption::FSName(format!("ferryfs:{}", backing.display())),
+        MountOption::Subtype("ferryfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    if root {
+        options.push(MountOption::Dev);
+        options.push(MountOption::Suid);
+    }
+    let mut c = Config::default();
+    c.mount_options = options;
+    c.acl = if a.private || !root { SessionACL::Owner } else { SessionACL::All };
+    c.n_threads = Some(a.threads.max(1));
+    c.clone_fd = true;
+    c
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The committer (durability within --commit-interval) and the checkpointer.
+fn spawn_background(
+    core: &Arc<crate::fuse::OsCore>,
+    stop: &Arc<AtomicBool>,
+    commit: Duration,
+    checkpoint: Duration,
+) -> Vec<thread::JoinHandle<()>> {
+    let _ = CHECKPOINT_INTERVAL_DEFAULT_MS;
+    let mut threads = Vec::new();
+    for (name, every, is_checkpoint) in [("ferryfs-commit", commit, false), ("ferryfs-checkpoint", checkpoint, true)] {
+        let (core, stop) = (core.clone(), stop.clone());
+        threads.push(
+            thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let mut last = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        thread::sleep(Duration::from_millis(20).min(every));
+                        if last.elapsed() < every {
+                            continue;
+                        }
+                        last = Instant::now();
+                        let r = if is_checkpoint { core.checkpoint().map(|_| ()) } else { core.sync().map(|_| ()) };
+                        if let Err(e) = r {
+                            tracing::error!("{name}: errno {}", e.0);
+                        }
+                    }
+                })
+                .expect("spawning a background thread"),
+        );
+    }
+    threads
+}
