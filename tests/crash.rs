@@ -411,6 +411,54 @@ fn namespace_changes_synced_before_kill9_survive_replay() {
 }
 
 #[test]
+fn small_journal_wraps_under_sustained_writes_and_recovers_after_kill9() {
+    // 4 MiB of journal in 256 KiB segments, and 40 MiB of synced writes: the
+    // journal must checkpoint and reuse its space many times, and whatever it
+    // freed must already be durable in the backing dir.
+    let mut m = Mount::start_with(&[
+        "--journal-size",
+        "4M",
+        "--segment-size",
+        "256k",
+        "--checkpoint-interval",
+        "100ms",
+        "--commit-interval",
+        "50ms",
+    ]);
+    const CHUNK: usize = 1 << 20;
+    let bulk = m.mnt.join("bulk");
+    let f = OpenOptions::new().read(true).write(true).create(true).open(&bulk).unwrap();
+    for round in 0..2u64 {
+        for i in 0..20u64 {
+            f.write_all_at(&pattern(round * 100 + i, CHUNK), i * CHUNK as u64).unwrap();
+            f.sync_data().unwrap();
+        }
+    }
+    drop(f);
+    let want: Vec<u8> = (0..20u64).flat_map(|i| pattern(100 + i, CHUNK)).collect();
+    assert!(read(&bulk) == want, "bulk file wrong through the mount");
+    // Many small namespace transactions too.
+    fs::create_dir(m.mnt.join("many")).unwrap();
+    for i in 0..2000 {
+        write(m.mnt.join(format!("many/{i}")), format!("{i}"));
+    }
+    fs::File::open(m.mnt.join("many")).unwrap().sync_all().unwrap();
+
+    let durable = workload_then_kill9(&mut m, Duration::from_secs(1));
+    if backend().has_journal() {
+        let out = m.replay(&[]);
+        assert_ok(&out, "ferryfs replay");
+    }
+    verify_records(&m.backing.join("data"), &durable, "backing after kill -9 and replay");
+    assert!(read(m.backing.join("bulk")) == want, "bulk file wrong in the backing dir after replay");
+    for i in 0..2000 {
+        assert_eq!(read(m.backing.join(format!("many/{i}"))), format!("{i}").as_bytes());
+    }
+    m.restart();
+    assert!(read(m.mnt.join("bulk")) == want, "bulk file wrong through the mount after recovery");
+}
+
+#[test]
 fn inspect_reads_the_journal_left_by_kill9() {
     if !backend().has_journal() {
         eprintln!("skipped: the {:?} backend has no journal", backend());
@@ -423,10 +471,18 @@ fn inspect_reads_the_journal_left_by_kill9() {
     assert!(!out.stdout.is_empty(), "ferryfs inspect printed nothing");
     let out = m.inspect(&["--json"]);
     assert_ok(&out, "ferryfs inspect --json");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("inspect --json is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
-    });
-    assert!(v.is_object(), "inspect --json: expected an object, got {v}");
+    // One JSON document, or JSON Lines (one object per line).
+    let text = String::from_utf8_lossy(&out.stdout);
+    let values: Vec<serde_json::Value> = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => vec![v],
+        Err(_) => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("inspect --json: line is not JSON ({e}): {l}")))
+            .collect(),
+    };
+    assert!(!values.is_empty(), "inspect --json printed nothing");
+    assert!(values.iter().all(|v| v.is_object()), "inspect --json: expected objects:\n{text}");
     // inspect only reads: a replay afterwards still recovers everything.
     let out = m.replay(&[]);
     assert_ok(&out, "ferryfs replay after inspect");

@@ -65,6 +65,9 @@ pub fn superblock(storage: &DirStorage) -> Result<Superblock> {
             JournalError::NoSuperblock => anyhow::anyhow!(
                 "{dir} is not a ferryfs journal: it has no `superblock` file (wrong directory, or the superblock was deleted)"
             ),
+            JournalError::Superblock(crate::format::superblock::SuperblockError::NoMagic) => anyhow::anyhow!(
+                "{dir} is not a ferryfs journal: its superblock file lacks the magic \"FRYSUPER\" in both slots; nothing was changed"
+            ),
             e => anyhow::anyhow!("{dir}: {e}; nothing was changed"),
         }
     })

@@ -53,7 +53,9 @@ pub fn recover<S: Storage, T: Tree>(
         EndKind::Clean => {}
     }
     let journal = Journal::open(storage, sb.clone(), end.pos, end.next_lsn)?;
-    let report = replay::replay(journal.storage(), &sb, tree, &mut ids, Some(&journal), boot_id, progress)?;
+    let mut report = replay::replay(journal.storage(), &sb, tree, &mut ids, Some(&journal), boot_id, progress)?;
+    // Opening zeroed a torn or corrupt tail: the end replay saw is no longer the one found.
+    report.end = Some(end);
     journal.sync()?;
     journal
         .storage()

@@ -7,6 +7,8 @@
 //!                      plain FUSE passthrough without a journal
 //!   bind               `mount --bind B MNT` (no FUSE): the reference semantics,
 //!                      to check the tests themselves; all should pass on it
+//! `FERRYFS_TEST_ARGS="--writeback-cache ..."` adds options to every
+//! `ferryfs mount` (to run the suites in another mode).
 //! `FERRYFS_TEST_SHOW_LOG=1` prints the daemon's output at the end of every test
 //! (it is always printed when a test fails).
 //!
@@ -101,9 +103,15 @@ impl Mount {
     }
 
     /// Mounts on fresh temp dirs, passing `args` after the required ones
-    /// (`ferryfs mount MNT --backing B --journal J ARGS...`). `args` are
-    /// ignored by the bindfs and bind backends.
+    /// (`ferryfs mount MNT --backing B --journal J ARGS...`), after those from
+    /// `FERRYFS_TEST_ARGS`. `args` are ignored by the bindfs and bind backends.
     pub fn start_with(args: &[&str]) -> Mount {
+        let mut all: Vec<String> = std::env::var("FERRYFS_TEST_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        all.extend(args.iter().map(|s| s.to_string()));
         let tmp = tempfile::Builder::new()
             .prefix("ferryfs-test-")
             .tempdir()
@@ -124,7 +132,7 @@ impl Mount {
             backing,
             journal,
             child: None,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args: all,
             log: base.join("mount.log"),
             starts: 0,
             fuse_dev: 0,
