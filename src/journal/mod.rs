@@ -10,6 +10,9 @@ pub mod recovery;
 pub mod replay;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::JournalError;
 pub use writer::{Journal, JournalGeometry, Position};
 

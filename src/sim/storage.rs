@@ -104,6 +104,11 @@ impl SimStorage {
         }
     }
 
+    /// Flushes so far (each `SegmentFile::flush` call).
+    pub fn flush_count(&self) -> u64 {
+        self.disk.lock().unwrap().flushes
+    }
+
     /// Makes the `n`th flush from now (1 = the next) fail with EIO.
     pub fn fail_flush(&self, n: u64) {
         let mut d = self.disk.lock().unwrap();
