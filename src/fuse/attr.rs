@@ -82,6 +82,19 @@ pub fn file_attr(id: FileId, st: &libc::stat) -> FileAttr {
     }
 }
 
+/// A time the kernel sent, as fuser 0.18 decoded it. fuser turns (secs < 0, nsecs) into
+/// `EPOCH - (|secs| + nsecs)` instead of `EPOCH - |secs| + nsecs`; this undoes that, so a
+/// pre-1970 timestamp is stored exactly as the caller gave it.
+pub fn kernel_timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => timestamp(t),
+        Err(e) => {
+            let d = e.duration();
+            Timestamp { secs: -(d.as_secs() as i64), nanos: d.subsec_nanos() }
+        }
+    }
+}
+
 pub fn timestamp(t: SystemTime) -> Timestamp {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => Timestamp { secs: d.as_secs() as i64, nanos: d.subsec_nanos() },

@@ -158,6 +158,32 @@ impl FerryFs {
         self.core.create(parent, name_bytes(name), &new).map_err(errno)
     }
 
+    /// Clears set-user-id, and set-group-id where the backing filesystem would (group execute
+    /// set, or the caller not in the file's group), as an unprivileged write or truncate does.
+    fn kill_privs(&self, req: &Request, id: FileId) -> Result<(), KErrno> {
+        let node = self.core.node(id).map_err(errno)?;
+        let st = ostree::stat(&node).map_err(io_errno)?;
+        let mut mode = st.st_mode & 0o7777;
+        mode &= !libc::S_ISUID;
+        if st.st_mode & libc::S_IXGRP != 0 || !in_group(req, st.st_gid) {
+            mode &= !libc::S_ISGID;
+        }
+        if mode != st.st_mode & 0o7777 {
+            self.core.set_attr(id, &SetAttr { mode: Some(mode), ..Default::default() }).map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    /// Flags for the backing fd. With the writeback cache the kernel reads whole pages to fill
+    /// partial writes, so a write-only open must be able to read.
+    fn backing_flags(&self, flags: i32) -> i32 {
+        let mut f = flags & !OPEN_FLAGS_DROPPED;
+        if self.opts.writeback_cache && f & libc::O_ACCMODE == libc::O_WRONLY {
+            f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+        }
+        f
+    }
+
     fn open_flags(&self, flags: i32) -> FopenFlags {
         let _ = flags;
         if self.opts.writeback_cache { FopenFlags::empty() } else { FopenFlags::FOPEN_KEEP_CACHE }
@@ -168,7 +194,10 @@ impl Filesystem for FerryFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
-        let mut want = InitFlags::FUSE_PARALLEL_DIROPS;
+        // KILLPRIV_V2: the kernel tells us when a write or truncate must clear set-user-id and
+        // set-group-id, and we clear them with the backing filesystem's rules (the kernel's own
+        // FUSE fallback keeps a set-group-id bit without group execute, unlike ext4).
+        let mut want = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if self.opts.writeback_cache {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -231,7 +260,7 @@ impl Filesystem for FerryFs {
         let now = SystemTime::now();
         let resolve = |t: Option<TimeOrNow>| {
             t.map(|t| match t {
-                TimeOrNow::SpecificTime(t) => timestamp(t),
+                TimeOrNow::SpecificTime(t) => attr::kernel_timestamp(t),
                 TimeOrNow::Now => timestamp(now),
             })
         };
@@ -244,6 +273,11 @@ impl Filesystem for FerryFs {
             mtime: resolve(mtime),
         };
         let id = FileId(ino.0);
+        if size.is_some() && _req.uid() != 0 {
+            if let Err(e) = self.kill_privs(_req, id) {
+                return reply.error(e);
+            }
+        }
         match self.core.set_attr(id, &attr).map_err(errno).and_then(|n| self.attr(id, &n)) {
             Ok(a) => reply.attr(&self.opts.ttl, &a),
             Err(e) => reply.error(e),
@@ -311,7 +345,7 @@ impl Filesystem for FerryFs {
             .core
             .node(id)
             .map_err(errno)
-            .and_then(|n| ostree::reopen(&n, flags.0 & !OPEN_FLAGS_DROPPED).map_err(io_errno));
+            .and_then(|n| ostree::reopen(&n, self.backing_flags(flags.0)).map_err(io_errno));
         match opened {
             Ok(fd) => {
                 let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
@@ -329,11 +363,16 @@ impl Filesystem for FerryFs {
         }
     }
 
-    fn write(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+    fn write(&self, req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], wf: WriteFlags, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
         let f = match self.file(fh) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
+        if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = self.kill_privs(req, f.id) {
+                return reply.error(e);
+            }
+        }
         let r = self.core.write(f.id, offset, data, || pwrite_all(&f.fd, data, offset));
         let sync = f.sync || flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
         match r.and_then(|_| if sync { self.core.sync().map(|_| ()) } else { Ok(()) }) {
@@ -460,7 +499,7 @@ impl Filesystem for FerryFs {
             Err(e) => Err(e),
         };
         let opened = made.and_then(|(id, node)| {
-            let fd = ostree::reopen(&node, flags & !OPEN_FLAGS_DROPPED).map_err(io_errno)?;
+            let fd = ostree::reopen(&node, self.backing_flags(flags)).map_err(io_errno)?;
             Ok((id, self.attr(id, &node)?, fd))
         });
         match opened {
@@ -530,6 +569,18 @@ impl Filesystem for FerryFs {
             Err(e) => reply.error(e),
         }
     }
+}
+
+/// True when the caller is in group `gid` (primary or supplementary, from /proc).
+fn in_group(req: &Request, gid: u32) -> bool {
+    if req.gid() == gid {
+        return true;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", req.pid())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse::<u32>() == Ok(gid)))
 }
 
 fn xattr_reply(reply: ReplyXattr, r: Result<Vec<u8>, KErrno>, size: u32) {
