@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use fuser::{Config, MountOption, SessionACL};
@@ -14,10 +14,10 @@ use super::common::{self, parse_duration, parse_size};
 use crate::format::superblock::Superblock;
 use crate::fuse::{FerryFs, FuseOptions};
 use crate::journal::{JournalGeometry, recovery};
-use crate::limits::{CHECKPOINT_INTERVAL_DEFAULT_MS, SEGMENT_SIZE_DEFAULT, SEGMENT_SIZE_MIN, SEGMENTS_MIN};
+use crate::limits::{SEGMENT_SIZE_DEFAULT, SEGMENT_SIZE_MIN, SEGMENTS_MIN};
 use crate::os::storage::DirStorage;
 use crate::os::tree::OsTree;
-use crate::passthrough::{Core, CoreConfig, IdTable};
+use crate::passthrough::{Background, Core, CoreConfig, IdTable};
 use crate::types::{FileId, Lsn};
 
 #[derive(clap::Args, Debug)]
@@ -112,8 +112,7 @@ pub fn run(a: MountArgs) -> Result<()> {
     let ids = IdTable::from_snapshot(opened.ids.snapshot());
     let core = Arc::new(Core::new(opened.journal, tree, ids, CoreConfig::default())?);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let background = spawn_background(&core, &stop, a.commit_interval, a.checkpoint_interval);
+    let background = Background::start(&core, a.commit_interval, a.checkpoint_interval);
 
     let opts = FuseOptions { ttl: a.attr_timeout, writeback_cache: a.writeback_cache };
     let fs = FerryFs::new(core.clone(), opts);
@@ -132,10 +131,7 @@ pub fn run(a: MountArgs) -> Result<()> {
     if let Err(e) = ended {
         eprintln!("ferryfs: the FUSE session ended with an error: {e}");
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in background {
-        let _ = t.join();
-    }
+    background.stop();
     core.journal.close_clean().map_err(|e| anyhow::anyhow!("closing the journal: {e}"))?;
     eprintln!("ferryfs: unmounted {}; journal closed cleanly", mountpoint.display());
     Ok(())
@@ -214,38 +210,4 @@ fn fuse_config(a: &MountArgs, backing: &Path) -> Config {
 fn unsafe_geteuid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
-}
-
-/// The committer (durability within --commit-interval) and the checkpointer.
-fn spawn_background(
-    core: &Arc<crate::fuse::OsCore>,
-    stop: &Arc<AtomicBool>,
-    commit: Duration,
-    checkpoint: Duration,
-) -> Vec<thread::JoinHandle<()>> {
-    let _ = CHECKPOINT_INTERVAL_DEFAULT_MS;
-    let mut threads = Vec::new();
-    for (name, every, is_checkpoint) in [("ferryfs-commit", commit, false), ("ferryfs-checkpoint", checkpoint, true)] {
-        let (core, stop) = (core.clone(), stop.clone());
-        threads.push(
-            thread::Builder::new()
-                .name(name.into())
-                .spawn(move || {
-                    let mut last = Instant::now();
-                    while !stop.load(Ordering::Relaxed) {
-                        thread::sleep(Duration::from_millis(20).min(every));
-                        if last.elapsed() < every {
-                            continue;
-                        }
-                        last = Instant::now();
-                        let r = if is_checkpoint { core.checkpoint().map(|_| ()) } else { core.sync().map(|_| ()) };
-                        if let Err(e) = r {
-                            tracing::error!("{name}: errno {}", e.0);
-                        }
-                    }
-                })
-                .expect("spawning a background thread"),
-        );
-    }
-    threads
 }

@@ -2,8 +2,10 @@
 //! file-id table. Generic over the journal's storage and the backing tree, so the simulation
 //! drives exactly the code the FUSE mount runs. Never imports fuser.
 
+mod background;
 mod core;
 mod ids;
 
+pub use background::Background;
 pub use core::{Core, CoreConfig, Errno};
 pub use ids::IdTable;

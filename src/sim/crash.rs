@@ -53,7 +53,7 @@ pub struct SeedStats {
     pub records_replayed: u64,
 }
 
-fn new_superblock() -> Superblock {
+pub fn new_superblock() -> Superblock {
     Superblock {
         seq: 0,
         clean: false,

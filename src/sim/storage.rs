@@ -109,6 +109,17 @@ impl SimStorage {
         self.disk.lock().unwrap().flushes
     }
 
+    /// A machine crash that loses every unflushed page (the worst case, for exact tests).
+    pub fn crash_machine_losing_all(&self) {
+        let disk = self.disk.lock().unwrap();
+        for seg in disk.segments.values() {
+            let mut seg = seg.lock().unwrap();
+            seg.dirty.clear();
+            let durable = seg.durable.clone();
+            seg.current = durable;
+        }
+    }
+
     /// Makes the `n`th flush from now (1 = the next) fail with EIO.
     pub fn fail_flush(&self, n: u64) {
         let mut d = self.disk.lock().unwrap();

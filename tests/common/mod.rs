@@ -326,6 +326,26 @@ impl Mount {
         self.spawn_and_wait();
     }
 
+    /// Sends `sig` to the daemon and waits for it to exit (and detach) on its own; the
+    /// mount is detached in any case. Returns the exit status, or `None` on timeout.
+    pub fn signal_and_wait(&mut self, sig: i32) -> Option<ExitStatus> {
+        let mut child = self.child.take().expect("signal: daemon not running");
+        if sig != 0 {
+            unsafe {
+                libc::kill(child.id() as i32, sig);
+            }
+        }
+        let status = wait_timeout(&mut child, STOP_TIMEOUT);
+        if status.is_none() {
+            force_unmount(&self.mnt);
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+        status
+    }
+
     /// Clean shutdown: SIGTERM, wait for exit. Panics if the daemon does not exit
     /// within STOP_TIMEOUT or exits leaving the mount in place (the mount is
     /// detached first, so no mount is left behind either way).

@@ -1,0 +1,104 @@
+//! `ferryfs mount` as an operator meets it: how it stops, and what it refuses.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Mount, ferryfs};
+
+fn journal_is_clean(m: &Mount) -> bool {
+    let out = m.inspect(&["--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sb: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    sb["clean"] == true
+}
+
+#[test]
+fn sigint_unmounts_cleanly_and_closes_the_journal() {
+    let mut m = Mount::start();
+    common::write(m.mnt.join("f"), b"data");
+    let st = m.signal_and_wait(libc::SIGINT).expect("exits on SIGINT");
+    assert!(st.success(), "{st}: {}", m.log());
+    assert!(!m.is_mounted());
+    assert!(journal_is_clean(&m), "{}", m.log());
+    assert_eq!(std::fs::read(m.backing.join("f")).unwrap(), b"data");
+}
+
+#[test]
+fn sigterm_unmounts_cleanly_and_closes_the_journal() {
+    let mut m = Mount::start();
+    common::write(m.mnt.join("f"), b"data");
+    let st = m.signal_and_wait(libc::SIGTERM).expect("exits on SIGTERM");
+    assert!(st.success(), "{st}: {}", m.log());
+    assert!(journal_is_clean(&m));
+}
+
+#[test]
+fn an_external_umount_ends_the_daemon_cleanly() {
+    let mut m = Mount::start();
+    common::write(m.mnt.join("f"), b"data");
+    let out = Command::new("umount").arg(&m.mnt).output().unwrap();
+    assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+    let st = m.signal_and_wait(0).expect("exits after umount");
+    assert!(st.success(), "{st}: {}", m.log());
+    assert!(journal_is_clean(&m), "{}", m.log());
+}
+
+fn refused(args: &[&std::ffi::OsStr], needle: &str) {
+    let out = ferryfs().arg("mount").args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mount accepted {args:?}");
+    assert!(text.contains(needle), "message lacks `{needle}`: {text}");
+}
+
+#[test]
+fn a_missing_directory_is_refused_by_name() {
+    let t = tempfile::tempdir().unwrap();
+    let (mnt, b, j) = (t.path().join("m"), t.path().join("b"), t.path().join("j"));
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::create_dir(&j).unwrap();
+    refused(&[mnt.as_os_str(), "--backing".as_ref(), b.as_os_str(), "--journal".as_ref(), j.as_os_str()], "--backing");
+    std::fs::create_dir(&b).unwrap();
+    std::fs::remove_dir(&j).unwrap();
+    refused(&[mnt.as_os_str(), "--backing".as_ref(), b.as_os_str(), "--journal".as_ref(), j.as_os_str()], "--journal");
+    assert_eq!(std::fs::read_dir(&b).unwrap().count(), 0, "nothing was created in the backing directory");
+}
+
+#[test]
+fn a_busy_mountpoint_is_refused() {
+    let m = Mount::start();
+    let t = tempfile::tempdir().unwrap();
+    let (b, j) = (t.path().join("b"), t.path().join("j"));
+    std::fs::create_dir(&b).unwrap();
+    std::fs::create_dir(&j).unwrap();
+    refused(&[m.mnt.as_os_str(), "--backing".as_ref(), b.as_os_str(), "--journal".as_ref(), j.as_os_str()], "busy");
+}
+
+#[test]
+fn a_journal_in_use_is_refused() {
+    let m = Mount::start();
+    let t = tempfile::tempdir().unwrap();
+    let mnt2 = t.path().join("m2");
+    std::fs::create_dir(&mnt2).unwrap();
+    refused(&[mnt2.as_os_str(), "--backing".as_ref(), m.backing.as_os_str(), "--journal".as_ref(), m.journal.as_os_str()], "in use");
+}
+
+#[test]
+fn a_journal_of_another_backing_directory_is_refused() {
+    let mut m = Mount::start();
+    assert!(m.stop().success());
+    let t = tempfile::tempdir().unwrap();
+    let other = t.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    refused(&[m.mnt.as_os_str(), "--backing".as_ref(), other.as_os_str(), "--journal".as_ref(), m.journal.as_os_str()], "belongs to backing directory");
+}
+
+#[test]
+fn help_documents_every_subcommand() {
+    for sub in ["mount", "replay", "inspect"] {
+        let out = ferryfs().arg(sub).arg("--help").output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.len() > 400, "{sub} --help is thin:\n{text}");
+    }
+}
