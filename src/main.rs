@@ -23,6 +23,7 @@ enum Command {
     Mount(cmd::mount::MountArgs),
     Replay(cmd::replay::ReplayArgs),
     Inspect(cmd::inspect::InspectArgs),
+    Demo(cmd::demo::DemoArgs),
 }
 
 fn main() {
@@ -38,6 +39,7 @@ fn main() {
         Command::Mount(a) => cmd::mount::run(a),
         Command::Replay(a) => cmd::replay::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     if let Err(e) = result {
         eprintln!("ferryfs: error: {e:#}");

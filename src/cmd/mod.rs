@@ -1,6 +1,7 @@
 //! One file per subcommand; `anyhow` lives here and in main.rs only.
 
 pub mod common;
+pub mod demo;
 pub mod inspect;
 pub mod mount;
 pub mod replay;

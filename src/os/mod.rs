@@ -11,3 +11,11 @@ pub fn restore_sigpipe() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
+
+/// Lazily detaches whatever is mounted at `path` (umount2 with MNT_DETACH); errors ignored.
+pub fn detach_mount(path: &std::ffi::CStr) {
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+    unsafe {
+        libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+    }
+}
