@@ -68,7 +68,7 @@ pub fn run(a: ReplayArgs) -> Result<()> {
                 bail!("{}: {why}; a replay would refuse (see --discard-after-corruption)", where_(&sb, &end.pos));
             }
         }
-        let mut ids = IdMap::load(&storage)?;
+        let mut ids = IdMap::load(&storage, &sb)?;
         replay::replay(&storage, &sb, &tree, &mut ids, None, common::boot_id(), &mut progress)?
     } else {
         recovery::recover(storage, sb.clone(), &tree, common::boot_id(), a.discard_after_corruption, &mut progress)

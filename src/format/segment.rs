@@ -52,6 +52,10 @@ impl SegmentHeader {
         }
         let mut c = Cursor::new(&buf[8..SEGMENT_HEADER_SIZE]);
         let version = c.u16().unwrap();
+        let crc_ok = crc32c::crc32c(&buf[..56]) == u32::from_le_bytes(buf[56..60].try_into().unwrap());
+        if !crc_ok {
+            return Err(SegmentHeaderError::Crc);
+        }
         if version > FORMAT_VERSION {
             return Err(SegmentHeaderError::NewerVersion(version));
         }

@@ -9,7 +9,8 @@ use crate::types::{FileId, Lsn};
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"FRYSUPER";
 pub const SLOT_SIZE: usize = 512;
 pub const SUPERBLOCK_FILE_SIZE: usize = 4096;
-/// Slot offsets: in different 512-byte sectors, and different 4 KiB halves are not needed.
+/// Slot offsets: in different 512-byte sectors of one 4 KiB page (see docs/FORMAT.md, media
+/// assumptions: a torn page write must not damage sectors rewritten with unchanged bytes).
 pub const SLOT_OFFSETS: [usize; 2] = [0, 2048];
 const PATH_MAX_STORED: usize = 256;
 
@@ -84,13 +85,14 @@ impl Superblock {
         if buf[..8] != SUPERBLOCK_MAGIC {
             return Err(SuperblockError::NoMagic);
         }
-        let version = u16::from_le_bytes([buf[8], buf[9]]);
-        if version > FORMAT_VERSION {
-            return Err(SuperblockError::NewerVersion(version));
-        }
+        // The crc first: a damaged version field must read as damage, not as a newer build.
         let stored = u32::from_le_bytes(buf[SLOT_SIZE - 4..SLOT_SIZE].try_into().unwrap());
         if crc32c::crc32c(&buf[..SLOT_SIZE - 4]) != stored {
             return Err(SuperblockError::Corrupt);
+        }
+        let version = u16::from_le_bytes([buf[8], buf[9]]);
+        if version > FORMAT_VERSION {
+            return Err(SuperblockError::NewerVersion(version));
         }
         let mut c = Cursor::new(&buf[10..SLOT_SIZE - 4]);
         let clean = c.u16()? & 1 != 0;
@@ -135,6 +137,7 @@ impl Superblock {
         }
         let slots: Vec<_> =
             SLOT_OFFSETS.iter().map(|&o| Self::decode_slot(&buf[o..o + SLOT_SIZE])).collect();
+        // A slot that passes its crc with a newer version: this build must not guess at it.
         for s in &slots {
             if let Err(SuperblockError::NewerVersion(v)) = s {
                 return Err(SuperblockError::NewerVersion(*v));
@@ -201,7 +204,11 @@ mod tests {
     fn refusals() {
         assert_eq!(Superblock::decode_file(&[0; 4096]), Err(SuperblockError::NoMagic));
         let mut f = file_with(&[sample(3)]);
-        f[sample(3).slot_offset() + 8] = 9;
+        let o = sample(3).slot_offset();
+        f[o + 8] = 9;
+        assert_eq!(Superblock::decode_file(&f), Err(SuperblockError::Corrupt), "a damaged version is damage");
+        let crc = crc32c::crc32c(&f[o..o + SLOT_SIZE - 4]);
+        f[o + SLOT_SIZE - 4..o + SLOT_SIZE].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(Superblock::decode_file(&f), Err(SuperblockError::NewerVersion(9)));
         let mut g = file_with(&[sample(3)]);
         g[sample(3).slot_offset() + 40] ^= 1;

@@ -77,7 +77,7 @@ pub fn scan<S: Storage>(
     let mut buf = Vec::new();
     loop {
         let room = size - pos.offset as usize;
-        let verdict = read_record(&seg, pos.offset as usize, room, expected, &mut buf)?;
+        let verdict = read_record(&seg, pos.offset as usize, room, expected, &sb.set_id, &mut buf)?;
         match verdict {
             Verdict::Accept(header) => {
                 let payload = &buf[HEADER_SIZE..HEADER_SIZE + header.payload_len as usize];
@@ -90,7 +90,10 @@ pub fn scan<S: Storage>(
             Verdict::Corrupt(why) => {
                 let kind = match find_later_record(&seg, pos.offset as usize + record::RECORD_ALIGN, expected) {
                     Some((lsn, off)) => EndKind::Corrupt(format!("{why}; valid records follow (lsn {lsn} at offset {off})")),
-                    None => EndKind::Torn(why.clone()),
+                    None => match find_later_segment(storage, sb, pos.seq, expected) {
+                        Some((file, lsn)) => EndKind::Corrupt(format!("{why}; valid records follow in {file} (from lsn {lsn})")),
+                        None => EndKind::Torn(why.clone()),
+                    },
                 };
                 return Ok(ScanEnd { pos, next_lsn: expected, kind, found: why });
             }
@@ -116,11 +119,14 @@ pub fn scan<S: Storage>(
                         pos = Position { seq: next, offset: SEGMENT_HEADER_SIZE as u64 };
                     }
                     None => {
-                        let kind = match find_later_record(&seg, pos.offset as usize, expected) {
-                            Some((lsn, off)) => EndKind::Corrupt(format!(
-                                "{found} where record {expected} should be, yet a valid record with a higher LSN ({lsn}) \
-                                 lies at offset {off}: a hole in the log"
-                            )),
+                        let later = find_later_record(&seg, pos.offset as usize, expected)
+                            .map(|(lsn, off)| format!("a valid record with a higher LSN ({lsn}) lies at offset {off}"))
+                            .or_else(|| {
+                                find_later_segment(storage, sb, pos.seq, expected)
+                                    .map(|(file, lsn)| format!("segment {file} continues the log from lsn {lsn}"))
+                            });
+                        let kind = match later {
+                            Some(what) => EndKind::Corrupt(format!("{found} where record {expected} should be, yet {what}: a hole in the log")),
                             None => EndKind::Clean,
                         };
                         return Ok(ScanEnd { pos, next_lsn: expected, kind, found });
@@ -137,7 +143,14 @@ enum Verdict {
     SegmentEnd(String),
 }
 
-fn read_record<G: SegmentFile>(seg: &G, offset: usize, room: usize, expected: Lsn, buf: &mut Vec<u8>) -> Result<Verdict, JournalError> {
+fn read_record<G: SegmentFile>(
+    seg: &G,
+    offset: usize,
+    room: usize,
+    expected: Lsn,
+    set_id: &[u8; 16],
+    buf: &mut Vec<u8>,
+) -> Result<Verdict, JournalError> {
     if room < HEADER_SIZE {
         return Ok(Verdict::SegmentEnd("end of segment".into()));
     }
@@ -146,7 +159,17 @@ fn read_record<G: SegmentFile>(seg: &G, offset: usize, room: usize, expected: Ls
     let header = match record::decode_header(&buf[..HEADER_SIZE], room) {
         Ok(h) => h,
         Err(RecordError::NewerVersion(v)) => {
-            return Err(JournalError::Corrupt(format!("a record has format version {v}, newer than this build")));
+            // A newer build's record, or a damaged version field: only the crc tells.
+            if newer_record_verifies(seg, offset, room, buf) {
+                return Err(JournalError::Corrupt(format!(
+                    "a record at offset {offset} has format version {v}, newer than this build; use a newer ferryfs"
+                )));
+            }
+            let lsn = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+            if lsn == expected.0 {
+                return Ok(Verdict::Corrupt(format!("record {expected} has a damaged header (version field {v})")));
+            }
+            return Ok(Verdict::SegmentEnd(format!("no valid record (version field {v})")));
         }
         Err(RecordError::NoMagic(0)) if buf.iter().all(|&b| b == 0) => return Ok(Verdict::SegmentEnd("zeros (never written)".into())),
         Err(e) => {
@@ -161,6 +184,9 @@ fn read_record<G: SegmentFile>(seg: &G, offset: usize, room: usize, expected: Ls
     };
     if header.lsn != expected {
         return Ok(Verdict::SegmentEnd(format!("stale record (lsn {}, expected {})", header.lsn.0, expected.0)));
+    }
+    if &header.set_id != set_id {
+        return Ok(Verdict::SegmentEnd(format!("a record of another journal (set {:02x?}) at lsn {}", &header.set_id[..4], expected.0)));
     }
     let total = HEADER_SIZE + header.payload_len as usize;
     buf.resize(total, 0);
@@ -214,6 +240,38 @@ fn find_later_record<G: SegmentFile>(seg: &G, from: usize, expected: Lsn) -> Opt
             }
         }
         off += record::RECORD_ALIGN;
+    }
+    None
+}
+
+/// True when the record at `offset`, read with this build's header layout despite its newer
+/// version number, passes its crc: then it really is a newer build's record.
+fn newer_record_verifies<G: SegmentFile>(seg: &G, offset: usize, room: usize, buf: &mut Vec<u8>) -> bool {
+    let len = u32::from_le_bytes(buf[24..28].try_into().unwrap()) as usize;
+    if record::record_len(len) > room {
+        return false;
+    }
+    let stored = u32::from_le_bytes(buf[28..32].try_into().unwrap());
+    buf.resize(HEADER_SIZE + len, 0);
+    seg.read(offset + HEADER_SIZE, &mut buf[HEADER_SIZE..]);
+    let mut head = buf[..HEADER_SIZE].to_vec();
+    head[28..32].fill(0);
+    crc32c::crc32c_append(crc32c::crc32c(&head), &buf[HEADER_SIZE..]) == stored
+}
+
+/// A segment written after `seq` by the same run (a higher seq, first LSN past `expected`):
+/// its records follow a damaged end of the log.
+fn find_later_segment<S: Storage>(storage: &S, sb: &Superblock, seq: u64, expected: Lsn) -> Option<(String, u64)> {
+    let existing = storage.segment_count().ok()?;
+    for index in 0..existing.min(sb.segment_count) {
+        let Ok(seg) = storage.open_segment(index, sb.segment_size, false) else { continue };
+        let mut hb = [0u8; SEGMENT_HEADER_SIZE];
+        seg.read(0, &mut hb);
+        if let Ok(h) = SegmentHeader::decode(&hb) {
+            if h.set_id == sb.set_id && h.seq > seq && h.first_lsn > expected {
+                return Some((crate::format::segment::segment_name(index), h.first_lsn.0));
+            }
+        }
     }
     None
 }

@@ -21,7 +21,7 @@ pub fn create<S: Storage>(storage: S, geometry: JournalGeometry, sb: Superblock)
         return Err(JournalError::NoSuperblock);
     }
     let journal = Journal::create(storage, geometry, sb)?;
-    let ids = IdMap::load(journal.storage())?;
+    let ids = IdMap::load(journal.storage(), &journal.superblock())?;
     Ok(Opened { journal, ids, report: ReplayReport::default() })
 }
 
@@ -36,7 +36,7 @@ pub fn recover<S: Storage, T: Tree>(
     discard_after_corruption: bool,
     progress: Progress<'_>,
 ) -> Result<Opened<S>, JournalError> {
-    let mut ids = IdMap::load(&storage)?;
+    let mut ids = IdMap::load(&storage, &sb)?;
     let end = replay::find_end(&storage, &sb)?;
     match &end.kind {
         EndKind::Corrupt(why) if !discard_after_corruption => {

@@ -63,14 +63,23 @@ pub struct IdMap {
 }
 
 impl IdMap {
-    pub fn load<S: Storage>(storage: &S) -> Result<IdMap, JournalError> {
+    /// The id table as of the superblock's checkpoint. A checkpoint that handed out ids always
+    /// wrote the table first, so its absence then is damage, not a fresh journal.
+    pub fn load<S: Storage>(storage: &S, sb: &Superblock) -> Result<IdMap, JournalError> {
         let bytes = storage.read_file(IDS_FILE).map_err(|e| JournalError::Io("reading the id table".into(), e))?;
         let snap = match bytes {
             Some(b) => IdSnapshot::decode(&b).map_err(|e| JournalError::Corrupt(format!("id table file `{IDS_FILE}`: {e}")))?,
+            None if sb.next_file_id > FileId::FIRST_FREE => {
+                return Err(JournalError::Corrupt(format!(
+                    "the id table file `{IDS_FILE}` is missing, yet the last checkpoint had handed out file ids up to {}; \
+                     nothing was changed",
+                    sb.next_file_id.0 - 1
+                )));
+            }
             None => IdSnapshot::default(),
         };
         let mut m = IdMap { map: snap.entries.into_iter().collect(), next_file_id: snap.next_file_id };
-        m.next_file_id = m.next_file_id.max(FileId::FIRST_FREE);
+        m.next_file_id = m.next_file_id.max(FileId::FIRST_FREE).max(sb.next_file_id);
         Ok(m)
     }
 
@@ -148,13 +157,13 @@ pub fn replay<S: Storage, T: Tree>(
     let mut redo = Redo { tree, ids, dry_run, journal, boot_id };
     let mut done = 0u64;
     reader::scan(storage, sb, |r| {
+        if r.header.lsn.0 >= end.next_lsn.0 {
+            return false;
+        }
         rep.records += 1;
         let len = record::record_len(r.header.payload_len as usize) as u64;
         done += len;
         rep.bytes += len;
-        if r.header.lsn.0 >= end.next_lsn.0 {
-            return false;
-        }
         let tx = r.header.txid;
         let result = match r.header.kind {
             Kind::Write | Kind::Op if aborted.contains(&tx) => {

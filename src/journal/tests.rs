@@ -184,3 +184,63 @@ fn a_failed_flush_is_reported_and_retried() {
     j.sync().unwrap();
     assert!(j.durable_lsn() > Lsn(1));
 }
+
+/// A crash leaves the log's end in segment 0 (a damaged record) while the crashed run had
+/// already written records into segment 1. Recovery hands those LSNs out again; none of the
+/// crashed run's records may ever be read back as part of the new log.
+#[test]
+fn records_discarded_at_recovery_never_come_back() {
+    use crate::journal::recovery;
+    use crate::sim::tree::SimTree;
+    let s = SimStorage::new();
+    let j = Journal::create(s.clone(), GEO, sb()).unwrap();
+    let data = [0x5Au8; 3000];
+    let mut n = 0u64;
+    while j.superblock().start_seq == 0 && n < 30 {
+        j.done(j.append_write(FileId(2), n * 3000, &data).unwrap());
+        n += 1;
+    }
+    j.sync().unwrap();
+    drop(j);
+    // Damage record 10 in segment 0: everything from it on is discarded.
+    let (w, _) = writes(&s);
+    assert!(w.len() > 25, "records reach segment 1: {}", w.len());
+    let seg0 = s.open_segment(0, GEO.segment_size, false).unwrap();
+    let mut off = 0;
+    let sbk = read_superblock(&s).unwrap();
+    reader::scan(&s, &sbk, |r| {
+        if r.header.lsn == Lsn(10) {
+            off = r.pos.offset as usize;
+        }
+        true
+    })
+    .unwrap();
+    seg0.write(off + 70, &[&[0xFF]]);
+    let tree = SimTree::new();
+    let opened = recovery::recover(s.clone(), read_superblock(&s).unwrap(), &tree, [0; 16], true, &mut |_, _| {}).unwrap();
+    // The new run writes the same sizes again, into segment 1 but stopping short of where the
+    // crashed run stopped: the old records after the new end sit at the offsets and LSNs the
+    // scan expects next.
+    let j = opened.journal;
+    let again = n - 13;
+    for i in 0..again {
+        j.done(j.append_write(FileId(3), i * 3000, &data).unwrap());
+    }
+    j.close_clean().unwrap();
+    drop(j);
+    let mut sbk = read_superblock(&s).unwrap();
+    sbk.start_lsn = Lsn(1);
+    sbk.start_seq = 0;
+    sbk.start_offset = crate::format::segment::SEGMENT_HEADER_SIZE as u64;
+    let mut files = vec![];
+    reader::scan(&s, &sbk, |r| {
+        if let Ok((f, _, _)) = crate::format::record::decode_write(r.payload) {
+            files.push(f.0);
+        }
+        true
+    })
+    .unwrap();
+    let old = files.iter().filter(|&&f| f == 2).count();
+    assert_eq!(old, 9, "only the 9 records before the damage are from the crashed run: {files:?}");
+    assert_eq!(files.iter().filter(|&&f| f == 3).count() as u64, again);
+}

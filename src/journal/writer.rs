@@ -465,33 +465,30 @@ impl<S: Storage> Journal<S> {
         Ok(())
     }
 
-    /// Zeroes the rest of the segment at `end` and clears the headers of segments written
-    /// after it by the crashed run; durable before any new record is appended.
+    /// Makes sure nothing written after `end` by the crashed run can ever be read as part of
+    /// the new log: zeroes the rest of the segment at `end`, and every segment outside the
+    /// live log `[start_seq, end.seq]` that is not a recognisably older use (its header has a
+    /// lower seq than the start). Recovery hands out the crashed run's LSNs again, so a stale
+    /// record with a matching LSN at a matching offset would otherwise be accepted. Durable
+    /// before any new record is appended.
     fn clear_after(&self, end: Position) -> Result<(), JournalError> {
         let count = self.geometry.segment_count as u64;
         let on_disk = self.storage.segment_count().map_err(io("listing segments"))? as u64;
+        let start_seq = self.state.lock().unwrap().start_seq;
         let seg = self.segment(end.seq)?;
         let from = end.offset.max(SEGMENT_HEADER_SIZE as u64) as usize;
-        let zeros = vec![0u8; 1 << 20];
-        let mut at = from;
-        while at < seg.len() {
-            let n = (seg.len() - at).min(zeros.len());
-            seg.write(at, &[&zeros[..n]]);
-            at += n;
-        }
-        seg.flush(from, seg.len() - from).map_err(io("zeroing the journal tail"))?;
+        zero_range(seg.as_ref(), from, seg.len())?;
+        let live: Vec<u64> = (start_seq..=end.seq).map(|s| s % count).collect();
         for index in 0..on_disk.min(count) {
-            if index == end.seq % count {
+            if live.contains(&index) {
                 continue;
             }
             let s = self.segment_create(index)?;
             let mut hb = [0u8; SEGMENT_HEADER_SIZE];
             s.read(0, &mut hb);
-            if let Ok(h) = SegmentHeader::decode(&hb) {
-                if h.seq > end.seq {
-                    s.write(0, &[&[0u8; SEGMENT_HEADER_SIZE]]);
-                    s.flush(0, SEGMENT_HEADER_SIZE).map_err(io("clearing a stale segment header"))?;
-                }
+            let older = matches!(SegmentHeader::decode(&hb), Ok(h) if h.seq < start_seq);
+            if !older && !is_zero(s.as_ref()) {
+                zero_range(s.as_ref(), 0, s.len())?;
             }
         }
         if end.offset < SEGMENT_HEADER_SIZE as u64 {
@@ -504,6 +501,36 @@ impl<S: Storage> Journal<S> {
         }
         Ok(())
     }
+}
+
+const ZERO_CHUNK: usize = 1 << 20;
+
+fn zero_range<G: SegmentFile>(seg: &G, from: usize, to: usize) -> Result<(), JournalError> {
+    let zeros = vec![0u8; ZERO_CHUNK];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZERO_CHUNK);
+        seg.write(at, &[&zeros[..n]]);
+        at += n;
+    }
+    if to > from {
+        seg.flush(from, to - from).map_err(io("zeroing stale journal bytes"))?;
+    }
+    Ok(())
+}
+
+fn is_zero<G: SegmentFile>(seg: &G) -> bool {
+    let mut buf = vec![0u8; ZERO_CHUNK];
+    let mut at = 0;
+    while at < seg.len() {
+        let n = (seg.len() - at).min(ZERO_CHUNK);
+        seg.read(at, &mut buf[..n]);
+        if buf[..n].iter().any(|&b| b != 0) {
+            return false;
+        }
+        at += n;
+    }
+    true
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> JournalError + '_ {

@@ -126,13 +126,13 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
             eprintln!("cycle {cycle}: start state {}\n after crash {}", show(&states[0]), show(&tree.listing()));
             trace_log(&storage, &sb);
             eprintln!("inodes: {:?}", tree.inodes());
-            let ids = IdMap::load(&storage).unwrap();
+            let ids = IdMap::load(&storage, &sb).unwrap();
             let mut v: Vec<_> = ids.map.iter().map(|(k, h)| (k.0, u64::from_le_bytes(h.0.clone().try_into().unwrap()))).collect();
             v.sort();
             eprintln!("ids (id, ino): {v:?}");
         }
         check_idempotent(&storage, &sb, &tree, boot).map_err(|e| format!("cycle {cycle}: {e}"))?;
-        let opened = recovery::recover(storage.clone(), sb, &tree, boot, true, &mut |_, _| {}).map_err(|e| format!("cycle {cycle}: recovery failed: {e}"))?;
+        let opened = recovery::recover(storage.clone(), sb, &tree, boot, machine, &mut |_, _| {}).map_err(|e| format!("cycle {cycle}: recovery failed: {e}"))?;
         stats.records_replayed += opened.report.records;
         if !opened.report.failed.is_empty() {
             return Err(format!("cycle {cycle}: redo failures: {:?}", opened.report.failed));
@@ -173,10 +173,10 @@ fn check_idempotent(storage: &SimStorage, sb: &Superblock, tree: &SimTree, boot:
     let disk = storage.fork();
     let end = replay::find_end(&disk, sb).map_err(|e| e.to_string())?;
     let journal = Journal::open(disk.clone(), sb.clone(), end.pos, end.next_lsn).map_err(|e| e.to_string())?;
-    let mut once = IdMap::load(&disk).map_err(|e| e.to_string())?;
+    let mut once = IdMap::load(&disk, sb).map_err(|e| e.to_string())?;
     replay::replay(&disk, sb, &copy, &mut once, Some(&journal), boot, &mut |_, _| {}).map_err(|e| format!("replay: {e}"))?;
     let after_one = copy.listing();
-    let mut twice = IdMap::load(&disk).map_err(|e| e.to_string())?;
+    let mut twice = IdMap::load(&disk, sb).map_err(|e| e.to_string())?;
     replay::replay(&disk, sb, &copy, &mut twice, Some(&journal), boot, &mut |_, _| {}).map_err(|e| format!("second replay: {e}"))?;
     if copy.listing() != after_one {
         return Err(format!("replaying twice differs from once:\n  once:  {}\n  twice: {}", show(&after_one), show(&copy.listing())));
