@@ -93,6 +93,31 @@ fn a_journal_of_another_backing_directory_is_refused() {
     refused(&[m.mnt.as_os_str(), "--backing".as_ref(), other.as_os_str(), "--journal".as_ref(), m.journal.as_os_str()], "belongs to backing directory");
 }
 
+/// With the kernel's writeback cache (the default) an un-synced write may sit in the kernel's
+/// page cache, not in ferryfs, until something flushes it; the committer syncs the mount
+/// before each commit so it reaches the journal within the interval. On this kernel FUSE's
+/// strict dirty limits usually start writeback sooner anyway, so this checks the behaviour,
+/// not that the committer's syncfs is what caused it. (That the journal flush then makes the
+/// write durable is tested in passthrough::background.)
+#[test]
+fn un_synced_writes_of_a_file_kept_open_reach_the_journal_within_the_commit_interval() {
+    let m = Mount::start_with(&["--commit-interval", "300ms"]);
+    // Kept open: closing would flush the kernel's cache by itself (FUSE flushes on close).
+    let mut f = common::open_rw(m.mnt.join("f"));
+    std::io::Write::write_all(&mut f, b"0123456789abcdef-not-fsynced").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let out = m.inspect(&[]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.lines().any(|l| l.contains("kind=write") && l.contains("len=28")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the write never reached the journal:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(f);
+}
+
 #[test]
 fn help_documents_every_subcommand() {
     for sub in ["mount", "replay", "inspect"] {

@@ -17,7 +17,7 @@ use crate::journal::{JournalGeometry, recovery};
 use crate::limits::{SEGMENT_SIZE_DEFAULT, SEGMENT_SIZE_MIN, SEGMENTS_MIN};
 use crate::os::storage::DirStorage;
 use crate::os::tree::OsTree;
-use crate::passthrough::{Background, Core, CoreConfig, IdTable};
+use crate::passthrough::{Background, Core, CoreConfig, IdTable, KernelFlush};
 use crate::types::{FileId, Lsn};
 
 #[derive(clap::Args, Debug)]
@@ -62,11 +62,11 @@ pub struct MountArgs {
     /// Only the mounting user may use the mount (no allow_other).
     #[arg(long)]
     pub private: bool,
-    /// Use the kernel's writeback cache: faster small writes, but un-synced writes reach the
-    /// journal only when the kernel writes them back (up to its dirty_expire time, 30 s by
-    /// default) plus --commit-interval.
+    /// Do not use the kernel's writeback cache (on by default: the kernel gathers small writes
+    /// into large requests; the committer syncs the mount before each commit, so un-synced
+    /// writes still reach the journal within --commit-interval).
     #[arg(long)]
-    pub writeback_cache: bool,
+    pub no_writeback_cache: bool,
     /// Seconds the kernel may cache names and attributes.
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     pub attr_timeout: Duration,
@@ -78,6 +78,10 @@ pub fn run(a: MountArgs) -> Result<()> {
     let journal = common::existing_dir("--journal", &a.journal)?;
     check_layout(&mountpoint, &backing, &journal)?;
     let _lock = common::lock_journal(&journal)?;
+    let fd_limit = crate::os::raise_fd_limit();
+    if fd_limit < 65_536 {
+        eprintln!("ferryfs: warning: only {fd_limit} open files allowed; a large tree may hit EMFILE (raise `ulimit -Hn`)");
+    }
     let storage = DirStorage::new(&journal);
     let tree = OsTree::open(&backing).with_context(|| format!("--backing {}", backing.display()))?;
     let boot = common::boot_id();
@@ -112,9 +116,14 @@ pub fn run(a: MountArgs) -> Result<()> {
     let ids = IdTable::from_snapshot(opened.ids.snapshot());
     let core = Arc::new(Core::new(opened.journal, tree, ids, CoreConfig::default())?);
 
-    let background = Background::start(&core, a.commit_interval, a.checkpoint_interval);
+    let writeback_cache = !a.no_writeback_cache;
+    let kernel_flush: Option<KernelFlush> = writeback_cache.then(|| {
+        let mnt = mountpoint.clone();
+        Arc::new(move || crate::os::syncfs_path(&mnt)) as KernelFlush
+    });
+    let background = Background::start(&core, a.commit_interval, a.checkpoint_interval, kernel_flush);
 
-    let opts = FuseOptions { ttl: a.attr_timeout, writeback_cache: a.writeback_cache };
+    let opts = FuseOptions { ttl: a.attr_timeout, writeback_cache };
     let fs = FerryFs::new(core.clone(), opts);
     let session = fuser::Session::new(fs, &mountpoint, &fuse_config(&a, &backing))
         .with_context(|| format!("mounting {}", mountpoint.display()))?;

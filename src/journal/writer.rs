@@ -77,6 +77,10 @@ impl<S: Storage> Journal<S> {
         sb.start_offset = SEGMENT_HEADER_SIZE as u64;
         sb.seq = 0;
         let j = Journal::assemble(storage, sb.clone(), Position { seq: 0, offset: 0 }, Lsn(1));
+        // Every segment now, so no writer ever waits for a segment file to be made.
+        for index in 1..geometry.segment_count as u64 {
+            j.segment_create(index)?;
+        }
         j.start_segment(0, Lsn(1))?;
         j.state.lock().unwrap().pos.offset = SEGMENT_HEADER_SIZE as u64;
         j.sync_all_written()?;

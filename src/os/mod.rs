@@ -19,3 +19,32 @@ pub fn detach_mount(path: &std::ffi::CStr) {
         libc::umount2(path.as_ptr(), libc::MNT_DETACH);
     }
 }
+
+/// Raises the open-file limit to its hard maximum: the mount holds an `O_PATH` fd for every
+/// object the kernel has looked up (until it forgets it), like virtiofsd. Returns the limit.
+pub fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write/read only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+    r.rlim_cur
+}
+
+/// syncfs of the filesystem mounted at `path`; errors are logged, not returned (the caller
+/// is a timer that tries again).
+pub fn syncfs_path(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    match std::fs::File::open(path) {
+        Ok(f) => {
+            // SAFETY: syncfs on an fd we own.
+            if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+                tracing::warn!("syncfs {}: {}", path.display(), std::io::Error::last_os_error());
+            }
+        }
+        Err(e) => tracing::warn!("opening {} for syncfs: {e}", path.display()),
+    }
+}

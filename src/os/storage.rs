@@ -149,17 +149,21 @@ impl Storage for DirStorage {
     }
 }
 
-/// Creates a segment file and writes zeros through it, so later fdatasyncs of the mapping
-/// write data only (no unwritten-extent conversion, no size change).
+/// Creates a segment file with all its blocks allocated (fallocate), so writes through the
+/// mapping never fail for lack of space and the file's size never changes again. Made under a
+/// temporary name and renamed, so a crash never leaves a short segment behind.
 fn create_zeroed(path: &Path, size: u64) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
     let tmp = path.with_extension("new");
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
-    let zeros = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
-        f.write_all(&zeros[..n])?;
-        left -= n as u64;
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+    // SAFETY: fallocate on an fd we own; no memory is involved.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(e);
+        }
+        f.set_len(size)?;
     }
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;

@@ -12,17 +12,26 @@ use crate::io::{Storage, Tree};
 /// How often the timers look at the clock and the stop flag.
 const TICK: Duration = Duration::from_millis(20);
 
+/// Pushes writes the kernel still caches into the journal (a syncfs of the mount when the
+/// kernel's writeback cache is on); runs before each commit.
+pub type KernelFlush = Arc<dyn Fn() + Send + Sync>;
+
 pub struct Background {
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
 }
 
 impl Background {
-    pub fn start<S: Storage, T: Tree>(core: &Arc<Core<S, T>>, commit: Duration, checkpoint: Duration) -> Background {
+    pub fn start<S: Storage, T: Tree>(
+        core: &Arc<Core<S, T>>,
+        commit: Duration,
+        checkpoint: Duration,
+        kernel_flush: Option<KernelFlush>,
+    ) -> Background {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for (name, every, is_checkpoint) in [("ferryfs-commit", commit, false), ("ferryfs-checkpoint", checkpoint, true)] {
-            let (core, stop) = (core.clone(), stop.clone());
+            let (core, stop, kernel_flush) = (core.clone(), stop.clone(), kernel_flush.clone());
             let t = thread::Builder::new()
                 .name(name.into())
                 .spawn(move || {
@@ -33,6 +42,9 @@ impl Background {
                             continue;
                         }
                         last = Instant::now();
+                        if let (false, Some(flush)) = (is_checkpoint, &kernel_flush) {
+                            flush();
+                        }
                         let r = if is_checkpoint { core.checkpoint().map(|_| ()) } else { core.sync().map(|_| ()) };
                         if let Err(e) = r {
                             tracing::error!("{name}: errno {}", e.0);
@@ -74,7 +86,7 @@ mod tests {
         let geo = JournalGeometry { segment_size: 64 << 10, segment_count: 4 };
         let opened = recovery::create(storage.clone(), geo, sb).unwrap();
         let core = Arc::new(Core::new(opened.journal, tree.clone(), IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default()).unwrap());
-        let bg = Background::start(&core, Duration::from_millis(50), Duration::from_secs(3600));
+        let bg = Background::start(&core, Duration::from_millis(50), Duration::from_secs(3600), None);
         let new = NewNode { kind: NodeKind::File, mode: 0o644, uid: 0, gid: 0, rdev: 0, target: b"" };
         let (id, _) = core.create(FileId::ROOT, b"f", &new).unwrap();
         core.write_via_tree(id, 0, b"never fsynced").unwrap();

@@ -6,6 +6,6 @@ mod background;
 mod core;
 mod ids;
 
-pub use background::Background;
+pub use background::{Background, KernelFlush};
 pub use core::{Core, CoreConfig, Errno};
 pub use ids::IdTable;
