@@ -20,15 +20,24 @@ pub fn detach_mount(path: &std::ffi::CStr) {
     }
 }
 
-/// Raises the open-file limit to its hard maximum: the mount holds an `O_PATH` fd for every
-/// object the kernel has looked up (until it forgets it), like virtiofsd. Returns the limit.
+/// Raises the open-file limit as far as allowed: to fs.nr_open when privileged, else to the
+/// hard limit. The mount holds an `O_PATH` fd for every object the kernel has looked up (until
+/// it forgets it), like virtiofsd. Returns the limit in force.
 pub fn raise_fd_limit() -> u64 {
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit write/read only the struct we pass.
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        let want = libc::rlimit { rlim_cur: nr_open.max(r.rlim_max), rlim_max: nr_open.max(r.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return want.rlim_cur;
+        }
+        let hard = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &hard) == 0 {
+            return hard.rlim_cur;
         }
     }
     r.rlim_cur
