@@ -18,6 +18,10 @@ pub const NAME_MAX: usize = 255;
 pub const VALUE_MAX: usize = 64 << 10;
 /// Longest opaque backing-object handle (MAX_HANDLE_SZ is 128 plus the 4-byte type).
 pub const HANDLE_MAX: usize = 132;
+/// Open nodes (O_PATH fds) kept for objects the kernel holds; past this, an object is reopened
+/// from its handle on each use. Bounded because a mount's open-file limit may be as low as
+/// 20,000 here, and the kernel can hold far more inodes than that.
+pub const NODES_CACHED_MAX: usize = 4096;
 /// Default interval after which un-synced writes become durable (`--commit-interval`).
 pub const COMMIT_INTERVAL_DEFAULT_MS: u64 = 5_000;
 /// Default interval between checkpoints of the backing directory.

@@ -527,8 +527,14 @@ fn set_owner_and_mode(
     mode: u32,
     symlink: bool,
 ) -> io::Result<()> {
-    chown(node, Some(uid), Some(gid))?;
-    if !symlink {
+    // Only what differs from what the create already made: each chown/chmod dirties the inode.
+    let st = stat(node)?;
+    let owner_differs = st.st_uid != uid || st.st_gid != gid;
+    if owner_differs {
+        chown(node, Some(uid), Some(gid))?;
+    }
+    // A chown clears suid/sgid, and the process umask may have masked the create's mode.
+    if !symlink && (owner_differs || st.st_mode & 0o7777 != mode & 0o7777) {
         chmod(node, mode)?;
     }
     Ok(())
