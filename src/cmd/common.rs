@@ -1,7 +1,6 @@
 //! What every subcommand checks before it touches a journal or a backing directory.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -105,9 +104,7 @@ pub fn lock_journal(journal: &Path) -> Result<JournalLock> {
         .truncate(false)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
-    // SAFETY: flock on an fd we own; no memory is involved.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
+    if !crate::os::try_lock_exclusive(&file).with_context(|| format!("locking {}", path.display()))? {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
         bail!(
             "journal {} is in use by another ferryfs process{}; unmount it first",

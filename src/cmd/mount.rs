@@ -198,7 +198,7 @@ fn new_superblock(backing: &Path) -> Result<Superblock> {
 }
 
 fn fuse_config(a: &MountArgs, backing: &Path) -> Config {
-    let root = unsafe_geteuid() == 0;
+    let root = crate::os::is_root();
     let mut options = vec![
         MountOption::FSName(format!("ferryfs:{}", backing.display())),
         MountOption::Subtype("ferryfs".into()),
@@ -214,9 +214,4 @@ fn fuse_config(a: &MountArgs, backing: &Path) -> Config {
     c.n_threads = Some(a.threads.max(1));
     c.clone_fd = true;
     c
-}
-
-fn unsafe_geteuid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
 }
