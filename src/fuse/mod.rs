@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno as KErrno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
     WriteFlags,
 };
@@ -197,7 +197,10 @@ impl Filesystem for FerryFs {
         // KILLPRIV_V2: the kernel tells us when a write or truncate must clear set-user-id and
         // set-group-id, and we clear them with the backing filesystem's rules (the kernel's own
         // FUSE fallback keeps a set-group-id bit without group execute, unlike ext4).
-        let mut want = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+        let mut want = InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
         if self.opts.writeback_cache {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -437,6 +440,40 @@ impl Filesystem for FerryFs {
                 Err(_) => continue, // removed since opendir
             };
             if reply.add(INodeNo(child.0), (i + 3) as u64, attr::dirent_type(*t), OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(dir) = self.dirs.lock().unwrap().get(&fh.0).cloned() else { return reply.error(KErrno::EBADF) };
+        let id = FileId(ino.0);
+        let dir_attr = match self.core.node(id).map_err(errno).and_then(|n| self.attr(id, &n)) {
+            Ok(a) => a,
+            Err(e) => return reply.error(e),
+        };
+        let ttl = self.opts.ttl;
+        let mut index = offset as usize;
+        // "." and "..": the kernel takes no reference for them.
+        for (i, name) in [(0usize, "."), (1, "..")] {
+            if index == i {
+                if reply.add(ino, (i + 1) as u64, name, &ttl, &dir_attr, Generation(0)) {
+                    return reply.ok();
+                }
+                index = i + 1;
+            }
+        }
+        for (i, (name, _t)) in dir.entries.iter().enumerate().skip(index - 2) {
+            // A full lookup: the kernel counts a reference for every entry it receives.
+            let Ok((child, node)) = self.core.lookup(id, name) else { continue };
+            let Ok(a) = self.attr(child, &node) else {
+                self.core.forget(child, 1);
+                continue;
+            };
+            if reply.add(INodeNo(child.0), (i + 3) as u64, OsStr::from_bytes(name), &ttl, &a, Generation(0)) {
+                // Did not fit: the kernel never saw it, so it holds no reference.
+                self.core.forget(child, 1);
                 break;
             }
         }
