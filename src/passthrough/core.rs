@@ -52,6 +52,7 @@ pub struct Core<S: Storage, T: Tree> {
     namespace: Mutex<()>,
     files: Vec<Mutex<()>>,
     root: Arc<T::Node>,
+    root_handle: Handle,
 }
 
 impl<S: Storage, T: Tree> Core<S, T> {
@@ -62,6 +63,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let tree = Arc::new(tree);
         let ids = Arc::new(Mutex::new(ids));
         let root = Arc::new(tree.root()?);
+        let root_handle = tree.handle_of(&root)?;
         {
             let (tree, ids, j) = (tree.clone(), ids.clone(), Arc::downgrade(&journal));
             journal.set_checkpoint_hook(Box::new(move || {
@@ -74,7 +76,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
             }));
         }
         let files = (0..config.file_lock_stripes.max(1)).map(|_| Mutex::new(())).collect();
-        Ok(Core { journal, tree, ids, bind_lock: Mutex::new(()), namespace: Mutex::new(()), files, root })
+        Ok(Core { journal, tree, ids, bind_lock: Mutex::new(()), namespace: Mutex::new(()), files, root, root_handle })
     }
 
     fn file_lock(&self, id: FileId) -> MutexGuard<'_, ()> {
@@ -105,7 +107,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
     /// The id of an object, binding a new one (journaled) when ferryfs has not seen it.
     fn id_for(&self, node: &T::Node) -> R<FileId> {
         let handle = self.tree.handle_of(node)?;
-        if handle == self.tree.handle_of(&self.root)? {
+        if handle == self.root_handle {
             return Ok(FileId::ROOT);
         }
         let _bind = self.bind_lock.lock().unwrap();
