@@ -3,7 +3,9 @@
 //! Layers, from pure to wiring (a module imports only those above it in this list):
 //! `types`, `limits` → `format` → `io` → `journal` → `passthrough` → `os`, `sim` → `fuse` → `cmd`.
 
+pub mod cmd;
 pub mod format;
+pub mod fuse;
 pub mod io;
 pub mod journal;
 pub mod limits;
@@ -11,5 +13,3 @@ pub mod os;
 pub mod passthrough;
 pub mod sim;
 pub mod types;
-pub mod fuse;
-pub mod cmd;

@@ -55,7 +55,8 @@ fn crashed_journal(files: usize) -> Setup {
     let geometry = JournalGeometry { segment_size: SEGMENT, segment_count: 4 };
     let opened = recovery::create(storage, geometry, superblock_for(&backing)).unwrap();
     let tree = OsTree::open(&backing).unwrap();
-    let core = Core::new(opened.journal, tree, IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default()).unwrap();
+    let core =
+        Core::new(opened.journal, tree, IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default()).unwrap();
     for i in 0..files {
         let new = NewNode { kind: NodeKind::File, mode: 0o644, uid: 0, gid: 0, rdev: 0, target: b"" };
         let (id, _) = core.create(FileId::ROOT, format!("f{i}").as_bytes(), &new).unwrap();
@@ -109,7 +110,13 @@ fn segment0(s: &Setup) -> PathBuf {
 
 /// Offsets of records in segment 0, read with `ferryfs inspect --json`.
 fn record_offsets(s: &Setup) -> Vec<u64> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferryfs")).arg("inspect").arg("--journal").arg(&s.journal).arg("--json").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferryfs"))
+        .arg("inspect")
+        .arg("--journal")
+        .arg(&s.journal)
+        .arg("--json")
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -152,7 +159,13 @@ fn corruption_can_be_discarded_on_request_keeping_the_prefix() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("stopped at a corrupt record"), "{text}");
     assert!(!listing(&s.backing).is_empty(), "the records before the damage were applied");
-    assert!(std::fs::read_dir(&s.journal).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("discarded-lsn-")));
+    assert!(
+        std::fs::read_dir(&s.journal).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("discarded-lsn-"))
+    );
 }
 
 #[test]
@@ -215,7 +228,8 @@ fn a_wrong_magic_is_refused_unchanged() {
 #[test]
 fn a_missing_backing_directory_is_refused() {
     let s = crashed_journal(1);
-    let gone = Setup { _tmp: tempfile::tempdir().unwrap(), backing: s.backing.join("nope"), journal: s.journal.clone() };
+    let gone =
+        Setup { _tmp: tempfile::tempdir().unwrap(), backing: s.backing.join("nope"), journal: s.journal.clone() };
     let (code, text) = replay(&gone, &[]);
     assert_ne!(code, 0);
     assert!(text.contains("--backing") && text.contains("nope"), "{text}");

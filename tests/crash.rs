@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::{sleep, JoinHandle};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{JoinHandle, sleep};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -32,10 +32,7 @@ fn record(writer: usize, k: u64) -> Vec<u8> {
 }
 
 fn location(writer: usize, k: u64) -> (String, u64) {
-    (
-        format!("w{writer}-f{}", k % FILES_PER_WRITER),
-        (k / FILES_PER_WRITER) * REC as u64,
-    )
+    (format!("w{writer}-f{}", k % FILES_PER_WRITER), (k / FILES_PER_WRITER) * REC as u64)
 }
 
 /// Writer threads appending numbered records to their files under `dir`,
@@ -64,6 +61,7 @@ impl Workload {
                             .read(true)
                             .write(true)
                             .create(true)
+                            .truncate(false)
                             .open(dir.join(format!("w{w}-f{i}")))
                             .unwrap()
                     })
@@ -233,10 +231,7 @@ fn workload_then_kill9(m: &mut Mount, dur: Duration) -> Vec<u64> {
     m.kill9();
     let durable = w.finish();
     eprintln!("durable records per writer: {durable:?} (at kill: >= {before:?})");
-    assert!(
-        durable.iter().all(|&n| n >= 10),
-        "the workload made almost no progress before the kill: {durable:?}"
-    );
+    assert!(durable.iter().all(|&n| n >= 10), "the workload made almost no progress before the kill: {durable:?}");
     durable
 }
 
@@ -353,7 +348,7 @@ fn namespace_changes_synced_before_kill9_survive_replay() {
                 if k % 2 == 1 {
                     fs::rename(&p, dir.join(format!("r{k}")))?;
                 }
-                if k >= 10 && k % 5 == 0 {
+                if k >= 10 && k.is_multiple_of(5) {
                     fs::remove_file(dir.join(final_name(k - 10)))?;
                 }
                 f.sync_all()?;
@@ -427,7 +422,7 @@ fn small_journal_wraps_under_sustained_writes_and_recovers_after_kill9() {
     ]);
     const CHUNK: usize = 1 << 20;
     let bulk = m.mnt.join("bulk");
-    let f = OpenOptions::new().read(true).write(true).create(true).open(&bulk).unwrap();
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&bulk).unwrap();
     for round in 0..2u64 {
         for i in 0..20u64 {
             f.write_all_at(&pattern(round * 100 + i, CHUNK), i * CHUNK as u64).unwrap();
@@ -508,5 +503,9 @@ fn replay_after_a_clean_stop_changes_nothing() {
     let out = m.replay(&[]);
     assert_ok(&out, "ferryfs replay on a cleanly closed journal");
     let after = snapshot(&m.backing);
-    assert!(before == after, "replay after a clean stop changed the backing dir:\n  {}", describe_diff(&before, &after));
+    assert!(
+        before == after,
+        "replay after a clean stop changed the backing dir:\n  {}",
+        describe_diff(&before, &after)
+    );
 }

@@ -85,16 +85,29 @@ fn write_fixture(case: &str, dir: &Path) {
     let geometry = JournalGeometry { segment_size: 64 << 10, segment_count: 3 };
     let opened = recovery::create(storage, geometry, sb()).unwrap();
     let tree = SimTree::new();
-    let core = Core::new(opened.journal, tree.clone(), IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default()).unwrap();
+    let core =
+        Core::new(opened.journal, tree.clone(), IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default())
+            .unwrap();
     let file = |_: &[u8]| NewNode { kind: NodeKind::File, mode: 0o640, uid: 1000, gid: 100, rdev: 0, target: b"" };
-    let (d, _) = core.create(FileId::ROOT, b"docs", &NewNode { kind: NodeKind::Dir, mode: 0o755, uid: 0, gid: 0, rdev: 0, target: b"" }).unwrap();
+    let (d, _) = core
+        .create(
+            FileId::ROOT,
+            b"docs",
+            &NewNode { kind: NodeKind::Dir, mode: 0o755, uid: 0, gid: 0, rdev: 0, target: b"" },
+        )
+        .unwrap();
     let (a, _) = core.create(d, b"a.txt", &file(b"")).unwrap();
     core.write_via_tree(a, 0, b"the quick brown fox").unwrap();
     core.write_via_tree(a, 4096, &[7u8; 5000]).unwrap();
     let (b, _) = core.create(FileId::ROOT, b"b.bin", &file(b"")).unwrap();
     core.write_via_tree(b, 0, &(0..20_000u32).map(|i| (i * 31) as u8).collect::<Vec<_>>()).unwrap();
     core.set_attr(b, &SetAttr { size: Some(12_345), ..Default::default() }).unwrap();
-    core.create(FileId::ROOT, b"link", &NewNode { kind: NodeKind::Symlink, mode: 0o777, uid: 0, gid: 0, rdev: 0, target: b"docs/a.txt" }).unwrap();
+    core.create(
+        FileId::ROOT,
+        b"link",
+        &NewNode { kind: NodeKind::Symlink, mode: 0o777, uid: 0, gid: 0, rdev: 0, target: b"docs/a.txt" },
+    )
+    .unwrap();
     core.link(a, FileId::ROOT, b"hard").unwrap();
     core.rename(FileId::ROOT, b"b.bin", d, b"b2.bin", 0).unwrap();
     core.set_xattr(a, b"user.colour", b"blue", 0).unwrap();
@@ -104,7 +117,9 @@ fn write_fixture(case: &str, dir: &Path) {
         "crashed-mid-transaction" => {
             // An intent with no outcome: the crash came between journaling and applying.
             let (link, _) = core.lookup(FileId::ROOT, b"link").unwrap();
-            core.journal.append_op(&Op::Unlink { parent: FileId::ROOT, name: b"link".to_vec(), id: link, dir: false }).unwrap();
+            core.journal
+                .append_op(&Op::Unlink { parent: FileId::ROOT, name: b"link".to_vec(), id: link, dir: false })
+                .unwrap();
             core.journal.sync().unwrap();
             // What replay must do with it: redo it (applied to the model tree only, not journaled).
             use ferryfs::io::Tree;
@@ -182,6 +197,10 @@ fn fixture_journals_of_this_version_replay_to_their_recorded_trees() {
         }
         assert!(opened.report.failed.is_empty(), "{case}: {:?}", opened.report.failed);
         let expected = std::fs::read_to_string(dir.join("expected.txt")).unwrap();
-        assert_eq!(describe_dir(&backing), expected, "{case}: replayed tree differs from fixtures/{VERSION_DIR}/{case}/expected.txt");
+        assert_eq!(
+            describe_dir(&backing),
+            expected,
+            "{case}: replayed tree differs from fixtures/{VERSION_DIR}/{case}/expected.txt"
+        );
     }
 }

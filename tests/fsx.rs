@@ -141,7 +141,12 @@ fn stop_and_compare_backing(m: &mut Mount, file: &str) {
     let st = m.stop();
     assert!(st.success(), "stop after fsx: {st}");
     let backing = read(m.backing.join(file));
-    assert!(backing == seen, "backing file differs from what the mount showed ({} vs {} bytes)", backing.len(), seen.len());
+    assert!(
+        backing == seen,
+        "backing file differs from what the mount showed ({} vs {} bytes)",
+        backing.len(),
+        seen.len()
+    );
 }
 
 #[test]

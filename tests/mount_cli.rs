@@ -80,7 +80,10 @@ fn a_journal_in_use_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let mnt2 = t.path().join("m2");
     std::fs::create_dir(&mnt2).unwrap();
-    refused(&[mnt2.as_os_str(), "--backing".as_ref(), m.backing.as_os_str(), "--journal".as_ref(), m.journal.as_os_str()], "in use");
+    refused(
+        &[mnt2.as_os_str(), "--backing".as_ref(), m.backing.as_os_str(), "--journal".as_ref(), m.journal.as_os_str()],
+        "in use",
+    );
 }
 
 #[test]
@@ -90,7 +93,10 @@ fn a_journal_of_another_backing_directory_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let other = t.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    refused(&[m.mnt.as_os_str(), "--backing".as_ref(), other.as_os_str(), "--journal".as_ref(), m.journal.as_os_str()], "belongs to backing directory");
+    refused(
+        &[m.mnt.as_os_str(), "--backing".as_ref(), other.as_os_str(), "--journal".as_ref(), m.journal.as_os_str()],
+        "belongs to backing directory",
+    );
 }
 
 /// With the kernel's writeback cache (the default) an un-synced write may sit in the kernel's

@@ -14,7 +14,9 @@ use crate::os::storage::DirStorage;
 /// A directory the operator named, canonical, or a message naming the flag and the path.
 pub fn existing_dir(flag: &str, p: &Path) -> Result<PathBuf> {
     match std::fs::metadata(p) {
-        Ok(m) if m.is_dir() => Ok(p.canonicalize().with_context(|| format!("{flag} {}: cannot resolve", p.display()))?),
+        Ok(m) if m.is_dir() => {
+            Ok(p.canonicalize().with_context(|| format!("{flag} {}: cannot resolve", p.display()))?)
+        }
         Ok(_) => bail!("{flag} {}: not a directory", p.display()),
         Err(e) => bail!("{flag} {}: {e}", p.display()),
     }

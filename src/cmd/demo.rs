@@ -71,7 +71,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
         std::fs::create_dir(d)?;
     }
     let exe = std::env::current_exe()?;
-    step(&format!("mount: ferryfs mount {} --backing {} --journal {}", mnt.display(), backing.display(), journal.display()));
+    step(&format!(
+        "mount: ferryfs mount {} --backing {} --journal {}",
+        mnt.display(),
+        backing.display(),
+        journal.display()
+    ));
     let log = std::fs::File::create(base.join("mount.log"))?;
     let child = Command::new(&exe)
         .arg("mount")
@@ -89,7 +94,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !is_mounted(&mnt) {
         if Instant::now() > deadline || guard.child.as_mut().unwrap().try_wait()?.is_some() {
-            bail!("the mount did not come up; its log:\n{}", std::fs::read_to_string(base.join("mount.log")).unwrap_or_default());
+            bail!(
+                "the mount did not come up; its log:\n{}",
+                std::fs::read_to_string(base.join("mount.log")).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -103,7 +111,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
         f.write_all(&content(i))?;
         f.sync_all()?;
         if i % 2 == 0 {
-            std::fs::rename(mnt.join("mail").join(format!("msg-{i:04}.tmp")), mnt.join("mail").join(format!("msg-{i:04}")))?;
+            std::fs::rename(
+                mnt.join("mail").join(format!("msg-{i:04}.tmp")),
+                mnt.join("mail").join(format!("msg-{i:04}")),
+            )?;
         }
         if (i + 1) % 50 == 0 {
             println!("  {} files written", i + 1);
@@ -118,7 +129,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let text = String::from_utf8_lossy(&out.stdout);
     let records = text.lines().filter(|l| l.starts_with("record ")).count();
     step(&format!("the journal holds {records} records past its last checkpoint (`ferryfs inspect`); the last lines:"));
-    for l in text.lines().filter(|l| l.starts_with("record ") || l.starts_with("end ")).collect::<Vec<_>>().iter().rev().take(4).rev() {
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("record ") || l.starts_with("end "))
+        .collect::<Vec<_>>()
+        .iter()
+        .rev()
+        .take(4)
+        .rev()
+    {
         println!("  {l}");
     }
 
@@ -131,7 +150,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     println!("killed; mount detached");
 
     step(&format!("replay: ferryfs replay --journal {} --backing {}", journal.display(), backing.display()));
-    let out = Command::new(&exe).arg("replay").arg("--journal").arg(&journal).arg("--backing").arg(&backing).output()?;
+    let out =
+        Command::new(&exe).arg("replay").arg("--journal").arg(&journal).arg("--backing").arg(&backing).output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if !out.status.success() {
         bail!("replay failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -147,7 +167,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         }
         checked += 1;
     }
-    if std::fs::read(backing.join("first"))? != content(0) || std::fs::read_link(backing.join("latest"))? != Path::new("mail/msg-0002") {
+    if std::fs::read(backing.join("first"))? != content(0)
+        || std::fs::read_link(backing.join("latest"))? != Path::new("mail/msg-0002")
+    {
         bail!("the hard link or the symlink is wrong after replay");
     }
     println!("{checked} files, 1 hard link and 1 symlink verified");

@@ -80,10 +80,15 @@ pub fn run(a: InspectArgs) -> Result<()> {
                         format!("segment {name} seq={} first_lsn={}", h.seq, h.first_lsn.0),
                         json!({"type": "segment", "file": name, "seq": h.seq, "first_lsn": h.first_lsn.0}),
                     ),
-                    Err(e) => out(format!("segment {name} header: {e}"), json!({"type": "segment", "file": name, "error": e.to_string()})),
+                    Err(e) => out(
+                        format!("segment {name} header: {e}"),
+                        json!({"type": "segment", "file": name, "error": e.to_string()}),
+                    ),
                 }
             }
-            Err(e) => out(format!("segment {name}: {e}"), json!({"type": "segment", "file": name, "error": e.to_string()})),
+            Err(e) => {
+                out(format!("segment {name}: {e}"), json!({"type": "segment", "file": name, "error": e.to_string()}))
+            }
         }
     }
     let mut shown = 0u64;

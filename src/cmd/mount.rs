@@ -80,7 +80,9 @@ pub fn run(a: MountArgs) -> Result<()> {
     let _lock = common::lock_journal(&journal)?;
     let fd_limit = crate::os::raise_fd_limit();
     if fd_limit < 65_536 {
-        eprintln!("ferryfs: warning: only {fd_limit} open files allowed; a large tree may hit EMFILE (raise `ulimit -Hn`)");
+        eprintln!(
+            "ferryfs: warning: only {fd_limit} open files allowed; a large tree may hit EMFILE (raise `ulimit -Hn`)"
+        );
     }
     let storage = DirStorage::new(&journal);
     let tree = OsTree::open(&backing).with_context(|| format!("--backing {}", backing.display()))?;
@@ -151,7 +153,10 @@ fn check_layout(mountpoint: &Path, backing: &Path, journal: &Path) -> Result<()>
         bail!("the mountpoint and --backing are the same directory ({}); mount somewhere else", backing.display());
     }
     if journal.starts_with(backing) || journal.starts_with(mountpoint) {
-        bail!("--journal {} lies inside the backing directory or the mountpoint; put it outside both", journal.display());
+        bail!(
+            "--journal {} lies inside the backing directory or the mountpoint; put it outside both",
+            journal.display()
+        );
     }
     if backing.starts_with(mountpoint) {
         bail!("--backing {} lies inside the mountpoint {}", backing.display(), mountpoint.display());
@@ -159,18 +164,23 @@ fn check_layout(mountpoint: &Path, backing: &Path, journal: &Path) -> Result<()>
     let here = std::fs::metadata(mountpoint)?;
     let parent = std::fs::metadata(mountpoint.join(".."))?;
     if here.dev() != parent.dev() || here.ino() == parent.ino() {
-        bail!("mountpoint {} is busy: something is already mounted there (see /proc/self/mountinfo)", mountpoint.display());
+        bail!(
+            "mountpoint {} is busy: something is already mounted there (see /proc/self/mountinfo)",
+            mountpoint.display()
+        );
     }
     Ok(())
 }
 
 fn geometry(journal_size: u64, segment_size: u64) -> Result<JournalGeometry> {
-    if segment_size < SEGMENT_SIZE_MIN || segment_size % 4096 != 0 {
+    if segment_size < SEGMENT_SIZE_MIN || !segment_size.is_multiple_of(4096) {
         bail!("--segment-size {segment_size}: must be a multiple of 4 KiB and at least {SEGMENT_SIZE_MIN} bytes");
     }
     let count = journal_size / segment_size;
     if count < SEGMENTS_MIN {
-        bail!("--journal-size {journal_size}: must hold at least {SEGMENTS_MIN} segments of --segment-size {segment_size}");
+        bail!(
+            "--journal-size {journal_size}: must hold at least {SEGMENTS_MIN} segments of --segment-size {segment_size}"
+        );
     }
     let count = u32::try_from(count).map_err(|_| anyhow::anyhow!("--journal-size: too many segments"))?;
     Ok(JournalGeometry { segment_size, segment_count: count })

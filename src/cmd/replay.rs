@@ -8,8 +8,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::common::{self, human_bytes};
 use crate::format::segment::segment_name;
 use crate::journal::reader::EndKind;
-use crate::journal::replay::{self, IdMap, ReplayReport};
 use crate::journal::recovery;
+use crate::journal::replay::{self, IdMap, ReplayReport};
 use crate::os::storage::DirStorage;
 use crate::os::tree::OsTree;
 
@@ -63,10 +63,10 @@ pub fn run(a: ReplayArgs) -> Result<()> {
     };
     let report = if a.dry_run {
         let end = replay::find_end(&storage, &sb)?;
-        if let EndKind::Corrupt(why) = &end.kind {
-            if !a.discard_after_corruption {
-                bail!("{}: {why}; a replay would refuse (see --discard-after-corruption)", where_(&sb, &end.pos));
-            }
+        if let EndKind::Corrupt(why) = &end.kind
+            && !a.discard_after_corruption
+        {
+            bail!("{}: {why}; a replay would refuse (see --discard-after-corruption)", where_(&sb, &end.pos));
         }
         let mut ids = IdMap::load(&storage, &sb)?;
         replay::replay(&storage, &sb, &tree, &mut ids, None, common::boot_id(), &mut progress)?
@@ -83,7 +83,8 @@ pub fn run(a: ReplayArgs) -> Result<()> {
 fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("replaying {bytes}/{total_bytes} [{bar:30}] {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("replaying {bytes}/{total_bytes} [{bar:30}] {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
 }
@@ -116,7 +117,9 @@ pub fn describe(r: &ReplayReport, sb: &crate::format::superblock::Superblock, dr
     }
     if let Some(end) = &r.end {
         match &end.kind {
-            EndKind::Clean => out += &format!("log ended cleanly at {} (next lsn {})\n", where_(sb, &end.pos), end.next_lsn.0),
+            EndKind::Clean => {
+                out += &format!("log ended cleanly at {} (next lsn {})\n", where_(sb, &end.pos), end.next_lsn.0)
+            }
             EndKind::Torn(why) => {
                 out += &format!(
                     "stopped at a torn record at {} (lsn {}): {why}; {} records recovered before it; the torn tail {} kept in discarded-lsn-{}.bin\n",

@@ -70,9 +70,18 @@ pub enum Op {
         target: Vec<u8>,
     },
     /// Add the name `new_name` in `new_parent` for the existing object `id`.
-    Link { id: FileId, new_parent: FileId, new_name: Vec<u8> },
+    Link {
+        id: FileId,
+        new_parent: FileId,
+        new_name: Vec<u8>,
+    },
     /// Remove `name` (object `id`) from `parent`; `dir` for rmdir.
-    Unlink { parent: FileId, name: Vec<u8>, id: FileId, dir: bool },
+    Unlink {
+        parent: FileId,
+        name: Vec<u8>,
+        id: FileId,
+        dir: bool,
+    },
     /// renameat2: `id` moves from (parent, name) to (new_parent, new_name); `replaced` is the id
     /// that `new_name` named before (exchanged with RENAME_EXCHANGE), or `FileId::NONE`.
     Rename {
@@ -84,10 +93,26 @@ pub enum Op {
         id: FileId,
         replaced: FileId,
     },
-    SetAttr { id: FileId, attr: SetAttr },
-    SetXattr { id: FileId, name: Vec<u8>, value: Vec<u8>, flags: u32 },
-    RemoveXattr { id: FileId, name: Vec<u8> },
-    Fallocate { id: FileId, mode: u32, offset: u64, len: u64 },
+    SetAttr {
+        id: FileId,
+        attr: SetAttr,
+    },
+    SetXattr {
+        id: FileId,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: u32,
+    },
+    RemoveXattr {
+        id: FileId,
+        name: Vec<u8>,
+    },
+    Fallocate {
+        id: FileId,
+        mode: u32,
+        offset: u64,
+        len: u64,
+    },
 }
 
 const OP_CREATE: u16 = 1;
@@ -132,12 +157,20 @@ impl Op {
                 if target.is_empty() { String::new() } else { format!(" target={:?}", n(target)) }
             ),
             Op::Link { id, new_parent, new_name } => format!("link {id} as {new_parent}/{:?}", n(new_name)),
-            Op::Unlink { parent, name, id, dir } => format!("{} {parent}/{:?} ({id})", if *dir { "rmdir" } else { "unlink" }, n(name)),
+            Op::Unlink { parent, name, id, dir } => {
+                format!("{} {parent}/{:?} ({id})", if *dir { "rmdir" } else { "unlink" }, n(name))
+            }
             Op::Rename { parent, name, new_parent, new_name, flags, id, replaced } => {
-                format!("rename {parent}/{:?} ({id}) to {new_parent}/{:?} (replacing {replaced}) flags={flags}", n(name), n(new_name))
+                format!(
+                    "rename {parent}/{:?} ({id}) to {new_parent}/{:?} (replacing {replaced}) flags={flags}",
+                    n(name),
+                    n(new_name)
+                )
             }
             Op::SetAttr { id, attr } => format!("setattr {id} {attr:?}"),
-            Op::SetXattr { id, name, value, flags } => format!("setxattr {id} {:?} ({} bytes) flags={flags}", n(name), value.len()),
+            Op::SetXattr { id, name, value, flags } => {
+                format!("setxattr {id} {:?} ({} bytes) flags={flags}", n(name), value.len())
+            }
             Op::RemoveXattr { id, name } => format!("removexattr {id} {:?}", n(name)),
             Op::Fallocate { id, mode, offset, len } => format!("fallocate {id} mode={mode} offset={offset} len={len}"),
         }
@@ -379,9 +412,6 @@ mod tests {
     fn golden_encoding_is_pinned() {
         let mut buf = Vec::new();
         Op::Unlink { parent: FileId(1), name: b"f".to_vec(), id: FileId(2), dir: false }.encode(&mut buf);
-        assert_eq!(
-            buf,
-            [3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, b'f']
-        );
+        assert_eq!(buf, [3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, b'f']);
     }
 }

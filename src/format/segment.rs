@@ -72,6 +72,11 @@ impl SegmentHeader {
     }
 }
 
+/// The file name of segment `index` in a journal directory.
+pub fn segment_name(index: u32) -> String {
+    format!("seg-{index:08}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,9 +91,4 @@ mod tests {
         assert_eq!(SegmentHeader::decode(&bad), Err(SegmentHeaderError::Crc));
         assert_eq!(SegmentHeader::decode(&[0; 64]), Err(SegmentHeaderError::NoMagic));
     }
-}
-
-/// The file name of segment `index` in a journal directory.
-pub fn segment_name(index: u32) -> String {
-    format!("seg-{index:08}")
 }

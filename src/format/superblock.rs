@@ -135,8 +135,7 @@ impl Superblock {
         if buf.len() < SUPERBLOCK_FILE_SIZE {
             return Err(SuperblockError::NoMagic);
         }
-        let slots: Vec<_> =
-            SLOT_OFFSETS.iter().map(|&o| Self::decode_slot(&buf[o..o + SLOT_SIZE])).collect();
+        let slots: Vec<_> = SLOT_OFFSETS.iter().map(|&o| Self::decode_slot(&buf[o..o + SLOT_SIZE])).collect();
         // A slot that passes its crc with a newer version: this build must not guess at it.
         for s in &slots {
             if let Err(SuperblockError::NewerVersion(v)) = s {
@@ -146,9 +145,7 @@ impl Superblock {
         let best = slots.iter().filter_map(|s| s.as_ref().ok()).max_by_key(|s| s.seq);
         match best {
             Some(sb) => Ok(sb.clone()),
-            None if slots.iter().all(|s| matches!(s, Err(SuperblockError::NoMagic))) => {
-                Err(SuperblockError::NoMagic)
-            }
+            None if slots.iter().all(|s| matches!(s, Err(SuperblockError::NoMagic))) => Err(SuperblockError::NoMagic),
             None => Err(SuperblockError::Corrupt),
         }
     }

@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno as KErrno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::format::ops::{NodeKind, SetAttr};
@@ -65,8 +65,14 @@ fn name_bytes(n: &OsStr) -> &[u8] {
 
 /// Flags the backing fd must not get: the journal covers sync, the kernel gives offsets for
 /// appends, and creation already happened.
-const OPEN_FLAGS_DROPPED: i32 =
-    libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT;
+const OPEN_FLAGS_DROPPED: i32 = libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_NOCTTY
+    | libc::O_TRUNC
+    | libc::O_APPEND
+    | libc::O_SYNC
+    | libc::O_DSYNC
+    | libc::O_DIRECT;
 
 fn pwrite_all(fd: &OwnedFd, mut data: &[u8], mut offset: u64) -> std::io::Result<()> {
     while !data.is_empty() {
@@ -90,7 +96,9 @@ fn pread(fd: &OwnedFd, size: usize, offset: u64) -> std::io::Result<Vec<u8>> {
     let mut got = 0;
     while got < size {
         // SAFETY: fd is open; the destination range lies inside `buf`.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), buf[got..].as_mut_ptr().cast(), size - got, (offset + got as u64) as i64) };
+        let n = unsafe {
+            libc::pread(fd.as_raw_fd(), buf[got..].as_mut_ptr().cast(), size - got, (offset + got as u64) as i64)
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -109,7 +117,13 @@ fn pread(fd: &OwnedFd, size: usize, offset: u64) -> std::io::Result<Vec<u8>> {
 
 impl FerryFs {
     pub fn new(core: Arc<OsCore>, opts: FuseOptions) -> FerryFs {
-        FerryFs { core, opts, files: Mutex::new(HashMap::new()), dirs: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) }
+        FerryFs {
+            core,
+            opts,
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
     }
 
     fn attr(&self, id: FileId, node: &OsNode) -> Result<fuser::FileAttr, KErrno> {
@@ -151,7 +165,17 @@ impl FerryFs {
         Ok((req.uid(), gid, mode))
     }
 
-    fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, kind: NodeKind, mode: u32, rdev: u64, target: &[u8]) -> Result<(FileId, Arc<OsNode>), KErrno> {
+    #[allow(clippy::too_many_arguments)] // the kernel's create/mknod/symlink fields, as given
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: NodeKind,
+        mode: u32,
+        rdev: u64,
+        target: &[u8],
+    ) -> Result<(FileId, Arc<OsNode>), KErrno> {
         let parent = FileId(parent.0);
         let (uid, gid, mode) = self.new_owner(req, parent, kind, mode)?;
         let new = NewNode { kind, mode, uid, gid, rdev, target };
@@ -276,10 +300,11 @@ impl Filesystem for FerryFs {
             mtime: resolve(mtime),
         };
         let id = FileId(ino.0);
-        if size.is_some() && _req.uid() != 0 {
-            if let Err(e) = self.kill_privs(_req, id) {
-                return reply.error(e);
-            }
+        if size.is_some()
+            && _req.uid() != 0
+            && let Err(e) = self.kill_privs(_req, id)
+        {
+            return reply.error(e);
         }
         match self.core.set_attr(id, &attr).map_err(errno).and_then(|n| self.attr(id, &n)) {
             Ok(a) => reply.attr(&self.opts.ttl, &a),
@@ -294,7 +319,16 @@ impl Filesystem for FerryFs {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let kind = attr::node_kind(mode);
         match self.make(req, parent, name, kind, mode, rdev as u64, b"") {
             Ok(r) => self.entry(reply, Ok(r)),
@@ -330,8 +364,23 @@ impl Filesystem for FerryFs {
         }
     }
 
-    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
-        match self.core.rename(FileId(parent.0), name_bytes(name), FileId(newparent.0), name_bytes(newname), flags.bits()) {
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.rename(
+            FileId(parent.0),
+            name_bytes(name),
+            FileId(newparent.0),
+            name_bytes(newname),
+            flags.bits(),
+        ) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -359,22 +408,43 @@ impl Filesystem for FerryFs {
         }
     }
 
-    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
         match self.file(fh).and_then(|f| pread(&f.fd, size as usize, offset).map_err(io_errno)) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(e),
         }
     }
 
-    fn write(&self, req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], wf: WriteFlags, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+    fn write(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        wf: WriteFlags,
+        flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
         let f = match self.file(fh) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            if let Err(e) = self.kill_privs(req, f.id) {
-                return reply.error(e);
-            }
+        if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = self.kill_privs(req, f.id)
+        {
+            return reply.error(e);
         }
         let r = self.core.write(f.id, offset, data, || pwrite_all(&f.fd, data, offset));
         let sync = f.sync || flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
@@ -388,7 +458,16 @@ impl Filesystem for FerryFs {
         reply.ok();
     }
 
-    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
         self.files.lock().unwrap().remove(&fh.0);
         reply.ok();
     }
@@ -494,12 +573,30 @@ impl Filesystem for FerryFs {
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         match self.core.node(FileId(ino.0)).map_err(errno).and_then(|n| ostree::statfs(&n).map_err(io_errno)) {
-            Ok(s) => reply.statfs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize as u32, s.f_namemax as u32, s.f_frsize as u32),
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
             Err(e) => reply.error(e),
         }
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         match self.core.set_xattr(FileId(ino.0), name_bytes(name), value, flags as u32) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -507,7 +604,11 @@ impl Filesystem for FerryFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let r = self.core.node(FileId(ino.0)).map_err(errno).and_then(|n| ostree::get_xattr(&n, name_bytes(name)).map_err(io_errno));
+        let r = self
+            .core
+            .node(FileId(ino.0))
+            .map_err(errno)
+            .and_then(|n| ostree::get_xattr(&n, name_bytes(name)).map_err(io_errno));
         xattr_reply(reply, r, size);
     }
 
@@ -528,11 +629,22 @@ impl Filesystem for FerryFs {
         reply.ok();
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let made = match self.make(req, parent, name, NodeKind::File, mode, 0, b"") {
             Ok(m) => Ok(m),
             // Lost a race with another creator and O_EXCL was not asked for: open it.
-            Err(e) if e == KErrno::EEXIST && flags & libc::O_EXCL == 0 => self.core.lookup(FileId(parent.0), name_bytes(name)).map_err(errno),
+            Err(e) if e == KErrno::EEXIST && flags & libc::O_EXCL == 0 => {
+                self.core.lookup(FileId(parent.0), name_bytes(name)).map_err(errno)
+            }
             Err(e) => Err(e),
         };
         let opened = made.and_then(|(id, node)| {
@@ -549,7 +661,16 @@ impl Filesystem for FerryFs {
         }
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let f = match self.file(fh) {
             Ok(f) => f,
             Err(e) => return reply.error(e),

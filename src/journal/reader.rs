@@ -82,16 +82,25 @@ pub fn scan<S: Storage>(
             Verdict::Accept(header) => {
                 let payload = &buf[HEADER_SIZE..HEADER_SIZE + header.payload_len as usize];
                 if !visit(&RecordRef { pos, header, payload }) {
-                    return Ok(ScanEnd { pos, next_lsn: expected, kind: EndKind::Clean, found: "scan stopped by caller".into() });
+                    return Ok(ScanEnd {
+                        pos,
+                        next_lsn: expected,
+                        kind: EndKind::Clean,
+                        found: "scan stopped by caller".into(),
+                    });
                 }
                 pos.offset += record::record_len(header.payload_len as usize) as u64;
                 expected = expected.next();
             }
             Verdict::Corrupt(why) => {
                 let kind = match find_later_record(&seg, pos.offset as usize + record::RECORD_ALIGN, expected) {
-                    Some((lsn, off)) => EndKind::Corrupt(format!("{why}; valid records follow (lsn {lsn} at offset {off})")),
+                    Some((lsn, off)) => {
+                        EndKind::Corrupt(format!("{why}; valid records follow (lsn {lsn} at offset {off})"))
+                    }
                     None => match find_later_segment(storage, sb, pos.seq, expected) {
-                        Some((file, lsn)) => EndKind::Corrupt(format!("{why}; valid records follow in {file} (from lsn {lsn})")),
+                        Some((file, lsn)) => {
+                            EndKind::Corrupt(format!("{why}; valid records follow in {file} (from lsn {lsn})"))
+                        }
                         None => EndKind::Torn(why.clone()),
                     },
                 };
@@ -106,7 +115,10 @@ pub fn scan<S: Storage>(
                         match SegmentHeader::decode(&hb) {
                             Ok(h) if h.seq == next && h.first_lsn == expected && h.set_id == sb.set_id => Some(s),
                             Err(SegmentHeaderError::NewerVersion(v)) => {
-                                return Err(JournalError::Corrupt(format!("segment {} has format version {v}, newer than this build", next % count)));
+                                return Err(JournalError::Corrupt(format!(
+                                    "segment {} has format version {v}, newer than this build",
+                                    next % count
+                                )));
                             }
                             _ => None,
                         }
@@ -126,7 +138,9 @@ pub fn scan<S: Storage>(
                                     .map(|(file, lsn)| format!("segment {file} continues the log from lsn {lsn}"))
                             });
                         let kind = match later {
-                            Some(what) => EndKind::Corrupt(format!("{found} where record {expected} should be, yet {what}: a hole in the log")),
+                            Some(what) => EndKind::Corrupt(format!(
+                                "{found} where record {expected} should be, yet {what}: a hole in the log"
+                            )),
                             None => EndKind::Clean,
                         };
                         return Ok(ScanEnd { pos, next_lsn: expected, kind, found });
@@ -171,7 +185,9 @@ fn read_record<G: SegmentFile>(
             }
             return Ok(Verdict::SegmentEnd(format!("no valid record (version field {v})")));
         }
-        Err(RecordError::NoMagic(0)) if buf.iter().all(|&b| b == 0) => return Ok(Verdict::SegmentEnd("zeros (never written)".into())),
+        Err(RecordError::NoMagic(0)) if buf.iter().all(|&b| b == 0) => {
+            return Ok(Verdict::SegmentEnd("zeros (never written)".into()));
+        }
         Err(e) => {
             // A header we cannot decode is either the torn start of the expected record or
             // the middle of a stale one; only an LSN match tells them apart.
@@ -186,7 +202,11 @@ fn read_record<G: SegmentFile>(
         return Ok(Verdict::SegmentEnd(format!("stale record (lsn {}, expected {})", header.lsn.0, expected.0)));
     }
     if &header.set_id != set_id {
-        return Ok(Verdict::SegmentEnd(format!("a record of another journal (set {:02x?}) at lsn {}", &header.set_id[..4], expected.0)));
+        return Ok(Verdict::SegmentEnd(format!(
+            "a record of another journal (set {:02x?}) at lsn {}",
+            &header.set_id[..4],
+            expected.0
+        )));
     }
     let total = HEADER_SIZE + header.payload_len as usize;
     buf.resize(total, 0);
@@ -211,7 +231,9 @@ fn open_checked<S: Storage>(storage: &S, sb: &Superblock, seq: u64) -> Result<Op
     seg.read(0, &mut hb);
     match SegmentHeader::decode(&hb) {
         Ok(h) if h.seq == seq && h.set_id == sb.set_id => Ok(Some(seg)),
-        Err(SegmentHeaderError::NewerVersion(v)) => Err(JournalError::Corrupt(format!("segment {index} has format version {v}, newer than this build"))),
+        Err(SegmentHeaderError::NewerVersion(v)) => {
+            Err(JournalError::Corrupt(format!("segment {index} has format version {v}, newer than this build")))
+        }
         _ if seq == sb.start_seq => Err(JournalError::Corrupt(format!(
             "segment {index} should hold the start of the log (segment seq {seq}) but its header does not match"
         ))),
@@ -227,17 +249,16 @@ fn find_later_record<G: SegmentFile>(seg: &G, from: usize, expected: Lsn) -> Opt
     let mut buf = vec![0u8; HEADER_SIZE];
     while off + HEADER_SIZE <= size {
         seg.read(off, &mut buf[..HEADER_SIZE]);
-        if buf[..4] == record::RECORD_MAGIC.to_le_bytes() {
-            if let Ok(h) = record::decode_header(&buf[..HEADER_SIZE], size - off) {
-                if h.lsn > expected {
-                    buf.resize(HEADER_SIZE + h.payload_len as usize, 0);
-                    seg.read(off + HEADER_SIZE, &mut buf[HEADER_SIZE..]);
-                    if record::verify(&buf, &h).is_ok() {
-                        return Some((h.lsn.0, off));
-                    }
-                    buf.truncate(HEADER_SIZE);
-                }
+        if buf[..4] == record::RECORD_MAGIC.to_le_bytes()
+            && let Ok(h) = record::decode_header(&buf[..HEADER_SIZE], size - off)
+            && h.lsn > expected
+        {
+            buf.resize(HEADER_SIZE + h.payload_len as usize, 0);
+            seg.read(off + HEADER_SIZE, &mut buf[HEADER_SIZE..]);
+            if record::verify(&buf, &h).is_ok() {
+                return Some((h.lsn.0, off));
             }
+            buf.truncate(HEADER_SIZE);
         }
         off += record::RECORD_ALIGN;
     }
@@ -267,10 +288,12 @@ fn find_later_segment<S: Storage>(storage: &S, sb: &Superblock, seq: u64, expect
         let Ok(seg) = storage.open_segment(index, sb.segment_size, false) else { continue };
         let mut hb = [0u8; SEGMENT_HEADER_SIZE];
         seg.read(0, &mut hb);
-        if let Ok(h) = SegmentHeader::decode(&hb) {
-            if h.set_id == sb.set_id && h.seq > seq && h.first_lsn > expected {
-                return Some((crate::format::segment::segment_name(index), h.first_lsn.0));
-            }
+        if let Ok(h) = SegmentHeader::decode(&hb)
+            && h.set_id == sb.set_id
+            && h.seq > seq
+            && h.first_lsn > expected
+        {
+            return Some((crate::format::segment::segment_name(index), h.first_lsn.0));
         }
     }
     None

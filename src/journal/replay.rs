@@ -68,7 +68,9 @@ impl IdMap {
     pub fn load<S: Storage>(storage: &S, sb: &Superblock) -> Result<IdMap, JournalError> {
         let bytes = storage.read_file(IDS_FILE).map_err(|e| JournalError::Io("reading the id table".into(), e))?;
         let snap = match bytes {
-            Some(b) => IdSnapshot::decode(&b).map_err(|e| JournalError::Corrupt(format!("id table file `{IDS_FILE}`: {e}")))?,
+            Some(b) => {
+                IdSnapshot::decode(&b).map_err(|e| JournalError::Corrupt(format!("id table file `{IDS_FILE}`: {e}")))?
+            }
             None if sb.next_file_id > FileId::FIRST_FREE => {
                 return Err(JournalError::Corrupt(format!(
                     "the id table file `{IDS_FILE}` is missing, yet the last checkpoint had handed out file ids up to {}; \
@@ -192,7 +194,11 @@ pub fn replay<S: Storage, T: Tree>(
                         // The client never got a reply for an incomplete op: failing now is
                         // an allowed outcome (design §1), counted as aborted.
                         Err(e) if !committed.contains(&tx) => {
-                            rep.incomplete_failed.push(format!("lsn {}: {} failed on redo: {e}", r.header.lsn.0, op.name()));
+                            rep.incomplete_failed.push(format!(
+                                "lsn {}: {} failed on redo: {e}",
+                                r.header.lsn.0,
+                                op.name()
+                            ));
                             Ok(Outcome::Skipped)
                         }
                         r => r.map_err(|e| format!("{op:?}: {e}")),
@@ -218,7 +224,7 @@ pub fn replay<S: Storage, T: Tree>(
             Ok(Outcome::Skipped) => {}
             Err(msg) => rep.failed.push(format!("lsn {}: {msg}", r.header.lsn.0)),
         }
-        if rep.records % 1024 == 0 {
+        if rep.records.is_multiple_of(1024) {
             progress(done, total);
         }
         true
@@ -286,18 +292,19 @@ impl<S: Storage, T: Tree> Redo<'_, S, T> {
     fn op(&mut self, tx: TxId, in_tree: bool, op: &Op, binds: &[(FileId, Handle)]) -> RedoResult {
         let namespace = matches!(op, Op::Create { .. } | Op::Link { .. } | Op::Unlink { .. } | Op::Rename { .. });
         if namespace && in_tree {
-            if let Op::Create { new_id, .. } = op {
-                if let Some((_, h)) = binds.iter().rev().find(|(id, _)| id == new_id) {
-                    self.ids.bind(*new_id, h.clone());
-                }
+            if let Op::Create { new_id, .. } = op
+                && let Some((_, h)) = binds.iter().rev().find(|(id, _)| id == new_id)
+            {
+                self.ids.bind(*new_id, h.clone());
             }
             return Ok(Outcome::Already);
         }
         let outcome = self.op_redo(tx, op, binds)?;
-        if namespace && matches!(outcome, Outcome::Done) {
-            if let Some(j) = self.journal {
-                j.redone(tx, self.boot_id).map_err(|e| e.to_string())?;
-            }
+        if namespace
+            && matches!(outcome, Outcome::Done)
+            && let Some(j) = self.journal
+        {
+            j.redone(tx, self.boot_id).map_err(|e| e.to_string())?;
         }
         Ok(outcome)
     }

@@ -32,7 +32,6 @@ fn sb() -> Superblock {
     }
 }
 
-
 /// Everything after the checkpoint, as (lsn, file, offset, len) of write records.
 fn writes<S: Storage>(s: &S) -> (Vec<(u64, u64, u64, usize)>, reader::ScanEnd) {
     let sb = read_superblock(s).unwrap();
@@ -217,7 +216,8 @@ fn records_discarded_at_recovery_never_come_back() {
     .unwrap();
     seg0.write(off + 70, &[&[0xFF]]);
     let tree = SimTree::new();
-    let opened = recovery::recover(s.clone(), read_superblock(&s).unwrap(), &tree, [0; 16], true, &mut |_, _| {}).unwrap();
+    let opened =
+        recovery::recover(s.clone(), read_superblock(&s).unwrap(), &tree, [0; 16], true, &mut |_, _| {}).unwrap();
     // The new run writes the same sizes again, into segment 1 but stopping short of where the
     // crashed run stopped: the old records after the new end sit at the offsets and LSNs the
     // scan expects next.

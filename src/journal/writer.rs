@@ -244,7 +244,13 @@ impl<S: Storage> Journal<S> {
     }
 
     /// Appends, or returns `None` when the next segment is still needed by the log.
-    fn try_append(&self, kind: Kind, tx: Option<TxId>, payload: &[&[u8]], inflight: bool) -> Result<Option<Lsn>, JournalError> {
+    fn try_append(
+        &self,
+        kind: Kind,
+        tx: Option<TxId>,
+        payload: &[&[u8]],
+        inflight: bool,
+    ) -> Result<Option<Lsn>, JournalError> {
         let payload_len: usize = payload.iter().map(|p| p.len()).sum();
         let len = record::record_len(payload_len) as u64;
         let mut st = self.state.lock().unwrap();
@@ -462,9 +468,7 @@ impl<S: Storage> Journal<S> {
         let mut next = sb.clone();
         change(&mut next);
         next.seq = sb.seq + 1;
-        self.storage
-            .write_superblock(next.slot_offset(), &next.encode_slot())
-            .map_err(io("writing the superblock"))?;
+        self.storage.write_superblock(next.slot_offset(), &next.encode_slot()).map_err(io("writing the superblock"))?;
         *sb = next;
         Ok(())
     }

@@ -24,7 +24,8 @@ pub fn detach_mount(path: &std::ffi::CStr) {
 /// hard limit. The mount holds an `O_PATH` fd for every object the kernel has looked up (until
 /// it forgets it), like virtiofsd. Returns the limit in force.
 pub fn raise_fd_limit() -> u64 {
-    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let nr_open: u64 =
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
     unsafe {

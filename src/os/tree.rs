@@ -52,9 +52,7 @@ pub struct OsNode {
 
 impl OsNode {
     pub fn try_clone(&self) -> io::Result<OsNode> {
-        Ok(OsNode {
-            fd: self.fd.try_clone()?,
-        })
+        Ok(OsNode { fd: self.fd.try_clone()? })
     }
 
     fn raw(&self) -> RawFd {
@@ -79,18 +77,9 @@ impl OsTree {
     pub fn open(path: &Path) -> io::Result<OsTree> {
         let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| einval())?;
         let root = open_at(libc::AT_FDCWD, &path, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-        let mount = open_at(
-            libc::AT_FDCWD,
-            &proc_path(root.as_raw_fd()),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-            0,
-        )?;
+        let mount = open_at(libc::AT_FDCWD, &proc_path(root.as_raw_fd()), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         let (_, mount_id) = name_to_handle(root.as_raw_fd())?;
-        Ok(OsTree {
-            root,
-            mount,
-            mount_id,
-        })
+        Ok(OsTree { root, mount, mount_id })
     }
 }
 
@@ -98,9 +87,7 @@ impl Tree for OsTree {
     type Node = OsNode;
 
     fn root(&self) -> io::Result<OsNode> {
-        Ok(OsNode {
-            fd: self.root.try_clone()?,
-        })
+        Ok(OsNode { fd: self.root.try_clone()? })
     }
 
     fn open_handle(&self, handle: &Handle) -> io::Result<OsNode> {
@@ -108,11 +95,7 @@ impl Tree for OsTree {
         // SAFETY: `raw` is a `struct file_handle` header followed by `handle_bytes` (≤ its
         // array) bytes of f_handle, and it outlives the call; the kernel only reads it.
         let fd = unsafe {
-            libc::open_by_handle_at(
-                self.mount.as_raw_fd(),
-                raw.as_mut_ptr(),
-                libc::O_PATH | libc::O_CLOEXEC,
-            )
+            libc::open_by_handle_at(self.mount.as_raw_fd(), raw.as_mut_ptr(), libc::O_PATH | libc::O_CLOEXEC)
         };
         Ok(OsNode { fd: owned(fd)? })
     }
@@ -127,9 +110,7 @@ impl Tree for OsTree {
 
     fn lookup(&self, dir: &OsNode, name: &[u8]) -> io::Result<OsNode> {
         let name = component(name)?;
-        Ok(OsNode {
-            fd: open_at(dir.raw(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?,
-        })
+        Ok(OsNode { fd: open_at(dir.raw(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)? })
     }
 
     fn create(&self, dir: &OsNode, name: &[u8], new: &NewNode<'_>) -> io::Result<OsNode> {
@@ -138,23 +119,10 @@ impl Tree for OsTree {
         let finish = || {
             let node = match &made_file {
                 // Exactly the file we made, not whatever `name` names by now.
-                Some(file) => OsNode {
-                    fd: open_at(
-                        libc::AT_FDCWD,
-                        &proc_path(file.as_raw_fd()),
-                        libc::O_PATH,
-                        0,
-                    )?,
-                },
+                Some(file) => OsNode { fd: open_at(libc::AT_FDCWD, &proc_path(file.as_raw_fd()), libc::O_PATH, 0)? },
                 None => lookup_at(dir, &name)?,
             };
-            set_owner_and_mode(
-                &node,
-                new.uid,
-                new.gid,
-                new.mode,
-                new.kind == NodeKind::Symlink,
-            )?;
+            set_owner_and_mode(&node, new.uid, new.gid, new.mode, new.kind == NodeKind::Symlink)?;
             Ok(node)
         };
         let finished = finish();
@@ -168,20 +136,10 @@ impl Tree for OsTree {
     fn link(&self, node: &OsNode, dir: &OsNode, name: &[u8]) -> io::Result<()> {
         let name = component(name)?;
         // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-        let ret = unsafe {
-            libc::linkat(
-                node.raw(),
-                c"".as_ptr(),
-                dir.raw(),
-                name.as_ptr(),
-                libc::AT_EMPTY_PATH,
-            )
-        };
+        let ret = unsafe { libc::linkat(node.raw(), c"".as_ptr(), dir.raw(), name.as_ptr(), libc::AT_EMPTY_PATH) };
         match cvt(ret) {
             // Without CAP_DAC_READ_SEARCH the kernel refuses AT_EMPTY_PATH.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => {
-                link_via_proc(node, dir, &name)
-            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => link_via_proc(node, dir, &name),
             other => other.map(drop),
         }
     }
@@ -190,14 +148,7 @@ impl Tree for OsTree {
         unlink_at(dir, &component(name)?, is_dir)
     }
 
-    fn rename(
-        &self,
-        dir: &OsNode,
-        name: &[u8],
-        new_dir: &OsNode,
-        new_name: &[u8],
-        flags: u32,
-    ) -> io::Result<()> {
+    fn rename(&self, dir: &OsNode, name: &[u8], new_dir: &OsNode, new_name: &[u8], flags: u32) -> io::Result<()> {
         let (name, new_name) = (component(name)?, component(new_name)?);
         // SAFETY: renameat2(int, const char *, int, const char *, unsigned int); the names are
         // NUL-terminated and outlive the call.
@@ -252,13 +203,7 @@ impl Tree for OsTree {
         // all outlive the call. The magic link resolves to the object itself (a symlink node is
         // the link: the kernel then refuses user.* with EPERM, as it should).
         let ret = unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags as libc::c_int,
-            )
+            libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags as libc::c_int)
         };
         cvt(ret).map(drop)
     }
@@ -275,8 +220,7 @@ impl Tree for OsTree {
         let len = libc::off_t::try_from(len).map_err(|_| einval())?;
         let file = open_regular(node, libc::O_WRONLY)?;
         // SAFETY: fallocate on an fd we own; no memory is passed.
-        cvt(unsafe { libc::fallocate(file.as_raw_fd(), mode as libc::c_int, offset, len) })
-            .map(drop)
+        cvt(unsafe { libc::fallocate(file.as_raw_fd(), mode as libc::c_int, offset, len) }).map(drop)
     }
 
     fn sync_all(&self) -> io::Result<()> {
@@ -292,12 +236,7 @@ pub fn stat(node: &OsNode) -> io::Result<libc::stat> {
     let mut st = MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `st` is writable storage for one `struct stat`; the path is an empty C string.
     let ret = unsafe {
-        libc::fstatat(
-            node.raw(),
-            c"".as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
+        libc::fstatat(node.raw(), c"".as_ptr(), st.as_mut_ptr(), libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
     };
     cvt(ret)?;
     // SAFETY: fstatat succeeded, so it filled `st`.
@@ -318,9 +257,7 @@ pub fn read_link(node: &OsNode) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; VALUE_BUF_LEN_FIRST];
     loop {
         // SAFETY: buf has buf.len() writable bytes; the path is an empty C string.
-        let ret = unsafe {
-            libc::readlinkat(node.raw(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
+        let ret = unsafe { libc::readlinkat(node.raw(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         let n = cvt_size(ret)?;
         if n < buf.len() {
             buf.truncate(n);
@@ -339,14 +276,7 @@ pub fn read_dir(node: &OsNode) -> io::Result<Vec<(Vec<u8>, u64, u32)>> {
     let mut entries = Vec::new();
     loop {
         // SAFETY: getdents64(int, void *, size_t) writes at most buf.len() bytes into buf.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_getdents64,
-                dir.as_raw_fd(),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
+        let ret = unsafe { libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
         let n = cvt_long(ret)? as usize;
         if n == 0 {
             return Ok(entries);
@@ -360,12 +290,7 @@ pub fn read_dir(node: &OsNode) -> io::Result<Vec<(Vec<u8>, u64, u32)>> {
 fn parse_dirents(mut buf: &[u8], out: &mut Vec<(Vec<u8>, u64, u32)>) -> io::Result<()> {
     const NAME_AT: usize = 19;
     while !buf.is_empty() {
-        let corrupt = || {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "getdents64 returned a malformed record",
-            )
-        };
+        let corrupt = || io::Error::new(io::ErrorKind::InvalidData, "getdents64 returned a malformed record");
         if buf.len() < NAME_AT {
             return Err(corrupt());
         }
@@ -376,10 +301,7 @@ fn parse_dirents(mut buf: &[u8], out: &mut Vec<(Vec<u8>, u64, u32)>) -> io::Resu
             return Err(corrupt());
         }
         let name_field = &buf[NAME_AT..reclen];
-        let name = &name_field[..name_field
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(corrupt)?];
+        let name = &name_field[..name_field.iter().position(|&b| b == 0).ok_or_else(corrupt)?];
         if name != b"." && name != b".." {
             out.push((name.to_vec(), ino, d_type));
         }
@@ -403,14 +325,7 @@ pub fn get_xattr(node: &OsNode, name: &[u8]) -> io::Result<Vec<u8>> {
     let path = proc_path(node.raw());
     read_growing(|buf| {
         // SAFETY: strings are NUL-terminated; buf has buf.len() writable bytes.
-        unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        }
+        unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
     })
 }
 
@@ -435,11 +350,7 @@ struct RawHandle {
 
 impl RawHandle {
     fn empty() -> RawHandle {
-        RawHandle {
-            handle_bytes: F_HANDLE_MAX as libc::c_uint,
-            handle_type: 0,
-            f_handle: [0; F_HANDLE_MAX],
-        }
+        RawHandle { handle_bytes: F_HANDLE_MAX as libc::c_uint, handle_type: 0, f_handle: [0; F_HANDLE_MAX] }
     }
 
     /// `Handle` bytes: handle_type as u32 little-endian, then the f_handle bytes.
@@ -473,20 +384,10 @@ fn name_to_handle(fd: RawFd) -> io::Result<(RawHandle, libc::c_int)> {
     let mut mount_id: libc::c_int = 0;
     // SAFETY: `raw` has room for handle_bytes (MAX_HANDLE_SZ) bytes of f_handle; mount_id is a
     // writable int; the path is an empty C string.
-    let ret = unsafe {
-        libc::name_to_handle_at(
-            fd,
-            c"".as_ptr(),
-            raw.as_mut_ptr(),
-            &mut mount_id,
-            libc::AT_EMPTY_PATH,
-        )
-    };
+    let ret =
+        unsafe { libc::name_to_handle_at(fd, c"".as_ptr(), raw.as_mut_ptr(), &mut mount_id, libc::AT_EMPTY_PATH) };
     cvt(ret)?;
-    assert!(
-        raw.handle_bytes as usize <= F_HANDLE_MAX,
-        "kernel returned an oversized file handle"
-    );
+    assert!(raw.handle_bytes as usize <= F_HANDLE_MAX, "kernel returned an oversized file handle");
     Ok((raw, mount_id))
 }
 
@@ -506,8 +407,7 @@ fn make_object(dir: &OsNode, name: &CStr, new: &NewNode<'_>) -> io::Result<Optio
         NodeKind::Symlink => {
             let target = CString::new(new.target).map_err(|_| einval())?;
             // SAFETY: both strings are NUL-terminated and outlive the call.
-            return cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.raw(), name.as_ptr()) })
-                .map(|_| None);
+            return cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.raw(), name.as_ptr()) }).map(|_| None);
         }
         NodeKind::Fifo => (libc::S_IFIFO, 0),
         NodeKind::Socket => (libc::S_IFSOCK, 0),
@@ -515,18 +415,11 @@ fn make_object(dir: &OsNode, name: &CStr, new: &NewNode<'_>) -> io::Result<Optio
         NodeKind::BlockDev => (libc::S_IFBLK, new.rdev),
     };
     // SAFETY: name is NUL-terminated and outlives the call.
-    cvt(unsafe { libc::mknodat(dir.raw(), name.as_ptr(), fmt | perm, rdev as libc::dev_t) })
-        .map(|_| None)
+    cvt(unsafe { libc::mknodat(dir.raw(), name.as_ptr(), fmt | perm, rdev as libc::dev_t) }).map(|_| None)
 }
 
 /// Sets owner, then mode (a chown clears suid/sgid; the mode also undoes the umask).
-fn set_owner_and_mode(
-    node: &OsNode,
-    uid: u32,
-    gid: u32,
-    mode: u32,
-    symlink: bool,
-) -> io::Result<()> {
+fn set_owner_and_mode(node: &OsNode, uid: u32, gid: u32, mode: u32, symlink: bool) -> io::Result<()> {
     // Only what differs from what the create already made: each chown/chmod dirties the inode.
     let st = stat(node)?;
     let owner_differs = st.st_uid != uid || st.st_gid != gid;
@@ -545,8 +438,7 @@ fn chown(node: &OsNode, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
     let gid = gid.unwrap_or(u32::MAX) as libc::gid_t;
     // SAFETY: the path is an empty C string; AT_EMPTY_PATH makes it act on the fd's object,
     // which for a symlink node is the link itself.
-    cvt(unsafe { libc::fchownat(node.raw(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) })
-        .map(drop)
+    cvt(unsafe { libc::fchownat(node.raw(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) }).map(drop)
 }
 
 /// chmod of the object itself (the type bits of `mode` are ignored). Not for symlinks.
@@ -559,14 +451,7 @@ fn chmod(node: &OsNode, mode: u32) -> io::Result<()> {
 fn set_times(node: &OsNode, atime: Option<Timestamp>, mtime: Option<Timestamp>) -> io::Result<()> {
     let times = [timespec(atime), timespec(mtime)];
     // SAFETY: `times` is an array of two timespecs; the path is an empty C string.
-    let ret = unsafe {
-        libc::utimensat(
-            node.raw(),
-            c"".as_ptr(),
-            times.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    };
+    let ret = unsafe { libc::utimensat(node.raw(), c"".as_ptr(), times.as_ptr(), libc::AT_EMPTY_PATH) };
     match cvt(ret) {
         // Older kernels reject AT_EMPTY_PATH in utimensat.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => set_times_via_proc(node, &times),
@@ -586,28 +471,14 @@ fn set_times_via_proc(node: &OsNode, times: &[libc::timespec; 2]) -> io::Result<
 fn link_via_proc(node: &OsNode, dir: &OsNode, name: &CStr) -> io::Result<()> {
     let from = proc_path(node.raw());
     // SAFETY: both strings are NUL-terminated and outlive the call.
-    let ret = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            dir.raw(),
-            name.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
+    let ret = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), dir.raw(), name.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
     cvt(ret).map(drop)
 }
 
 fn timespec(t: Option<Timestamp>) -> libc::timespec {
     match t {
-        Some(t) => libc::timespec {
-            tv_sec: t.secs as libc::time_t,
-            tv_nsec: t.nanos as libc::c_long,
-        },
-        None => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
+        Some(t) => libc::timespec { tv_sec: t.secs as libc::time_t, tv_nsec: t.nanos as libc::c_long },
+        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
     }
 }
 
@@ -627,9 +498,7 @@ fn open_regular(node: &OsNode, flags: i32) -> io::Result<OwnedFd> {
 }
 
 fn lookup_at(dir: &OsNode, name: &CStr) -> io::Result<OsNode> {
-    Ok(OsNode {
-        fd: open_at(dir.raw(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?,
-    })
+    Ok(OsNode { fd: open_at(dir.raw(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)? })
 }
 
 fn unlink_at(dir: &OsNode, name: &CStr, is_dir: bool) -> io::Result<()> {
@@ -642,14 +511,8 @@ fn unlink_at(dir: &OsNode, name: &CStr, is_dir: bool) -> io::Result<()> {
 fn open_at(dir: RawFd, path: &CStr, flags: i32, mode: libc::mode_t) -> io::Result<OwnedFd> {
     // SAFETY: path is NUL-terminated and outlives the call; mode is passed as the variadic
     // argument openat reads when O_CREAT is set.
-    let fd = unsafe {
-        libc::openat(
-            dir,
-            path.as_ptr(),
-            flags | libc::O_CLOEXEC | libc::O_NOCTTY,
-            mode as libc::c_uint,
-        )
-    };
+    let fd =
+        unsafe { libc::openat(dir, path.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOCTTY, mode as libc::c_uint) };
     owned(fd)
 }
 
@@ -695,27 +558,15 @@ fn einval() -> io::Error {
 }
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
 fn cvt_long(ret: libc::c_long) -> io::Result<libc::c_long> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
 fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
 }
 
 #[cfg(test)]
@@ -732,14 +583,7 @@ mod tests {
     }
 
     fn new(kind: NodeKind, mode: u32) -> NewNode<'static> {
-        NewNode {
-            kind,
-            mode,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            target: b"",
-        }
+        NewNode { kind, mode, uid: 0, gid: 0, rdev: 0, target: b"" }
     }
 
     fn errno(r: io::Result<impl std::fmt::Debug>) -> i32 {
@@ -752,29 +596,17 @@ mod tests {
 
     fn read_all(node: &OsNode) -> Vec<u8> {
         let mut out = Vec::new();
-        std::io::Read::read_to_end(
-            &mut File::from(reopen(node, libc::O_RDONLY).unwrap()),
-            &mut out,
-        )
-        .unwrap();
+        std::io::Read::read_to_end(&mut File::from(reopen(node, libc::O_RDONLY).unwrap()), &mut out).unwrap();
         out
     }
 
     #[test]
     fn handle_survives_rename_and_reopens_the_same_inode() {
         let (_tmp, tree, root) = setup();
-        let file = tree
-            .create(&root, b"a", &new(NodeKind::File, 0o644))
-            .unwrap();
+        let file = tree.create(&root, b"a", &new(NodeKind::File, 0o644)).unwrap();
         let handle = tree.handle_of(&file).unwrap();
-        assert_eq!(
-            handle.0.len(),
-            HANDLE_TYPE_LEN + 8,
-            "ext4 handles are 8 bytes (ino, generation)"
-        );
-        let dir = tree
-            .create(&root, b"d", &new(NodeKind::Dir, 0o755))
-            .unwrap();
+        assert_eq!(handle.0.len(), HANDLE_TYPE_LEN + 8, "ext4 handles are 8 bytes (ino, generation)");
+        let dir = tree.create(&root, b"d", &new(NodeKind::Dir, 0o755)).unwrap();
         tree.rename(&root, b"a", &dir, b"b", 0).unwrap();
         let reopened = tree.open_handle(&handle).unwrap();
         assert_eq!(stat(&reopened).unwrap().st_ino, stat(&file).unwrap().st_ino);
@@ -788,9 +620,7 @@ mod tests {
     fn open_handle_fails_once_the_last_name_is_gone() {
         let (_tmp, tree, root) = setup();
         let handle = {
-            let file = tree
-                .create(&root, b"gone", &new(NodeKind::File, 0o644))
-                .unwrap();
+            let file = tree.create(&root, b"gone", &new(NodeKind::File, 0o644)).unwrap();
             tree.handle_of(&file).unwrap()
         };
         tree.unlink(&root, b"gone", false).unwrap();
@@ -802,10 +632,7 @@ mod tests {
     fn malformed_handles_are_einval() {
         let (_tmp, tree, _root) = setup();
         assert_eq!(errno(tree.open_handle(&Handle(vec![1, 0]))), libc::EINVAL);
-        assert_eq!(
-            errno(tree.open_handle(&Handle(vec![0; HANDLE_MAX + 1]))),
-            libc::EINVAL
-        );
+        assert_eq!(errno(tree.open_handle(&Handle(vec![0; HANDLE_MAX + 1]))), libc::EINVAL);
     }
 
     #[test]
@@ -819,10 +646,7 @@ mod tests {
     #[test]
     fn symlink_handle_reopens_the_link() {
         let (_tmp, tree, root) = setup();
-        let spec = NewNode {
-            target: b"elsewhere",
-            ..new(NodeKind::Symlink, 0o777)
-        };
+        let spec = NewNode { target: b"elsewhere", ..new(NodeKind::Symlink, 0o777) };
         let link = tree.create(&root, b"ln", &spec).unwrap();
         let reopened = tree.open_handle(&tree.handle_of(&link).unwrap()).unwrap();
         assert_eq!(read_link(&reopened).unwrap(), b"elsewhere");
@@ -831,9 +655,7 @@ mod tests {
     #[test]
     fn handle_of_an_object_on_another_mount_is_exdev() {
         let (tmp, tree, _root) = setup();
-        let other = OsNode {
-            fd: open_at(libc::AT_FDCWD, c"/dev", libc::O_PATH, 0).unwrap(),
-        };
+        let other = OsNode { fd: open_at(libc::AT_FDCWD, c"/dev", libc::O_PATH, 0).unwrap() };
         let tmp_dev = std::fs::metadata(tmp.path()).unwrap();
         if std::os::unix::fs::MetadataExt::dev(&tmp_dev) == stat(&other).unwrap().st_dev {
             return; // /dev is not a separate mount here: nothing to check.
@@ -844,33 +666,15 @@ mod tests {
     #[test]
     fn fallbacks_through_proc_act_on_the_object_itself() {
         let (_tmp, tree, root) = setup();
-        let file = tree
-            .create(&root, b"f", &new(NodeKind::File, 0o644))
-            .unwrap();
-        let spec = NewNode {
-            target: b"f",
-            ..new(NodeKind::Symlink, 0o777)
-        };
+        let file = tree.create(&root, b"f", &new(NodeKind::File, 0o644)).unwrap();
+        let spec = NewNode { target: b"f", ..new(NodeKind::Symlink, 0o777) };
         let link = tree.create(&root, b"l", &spec).unwrap();
         link_via_proc(&file, &root, c"f2").unwrap();
         link_via_proc(&link, &root, c"l2").unwrap();
-        let (f2, l2) = (
-            tree.lookup(&root, b"f2").unwrap(),
-            tree.lookup(&root, b"l2").unwrap(),
-        );
+        let (f2, l2) = (tree.lookup(&root, b"f2").unwrap(), tree.lookup(&root, b"l2").unwrap());
         assert_eq!(stat(&f2).unwrap().st_ino, stat(&file).unwrap().st_ino);
-        assert_eq!(
-            stat(&l2).unwrap().st_ino,
-            stat(&link).unwrap().st_ino,
-            "linked the symlink, not its target"
-        );
-        let times = [
-            timespec(Some(Timestamp {
-                secs: 111,
-                nanos: 1,
-            })),
-            timespec(None),
-        ];
+        assert_eq!(stat(&l2).unwrap().st_ino, stat(&link).unwrap().st_ino, "linked the symlink, not its target");
+        let times = [timespec(Some(Timestamp { secs: 111, nanos: 1 })), timespec(None)];
         set_times_via_proc(&link, &times).unwrap();
         assert_eq!(stat(&link).unwrap().st_atime, 111);
         assert_ne!(stat(&file).unwrap().st_atime, 111);
@@ -879,15 +683,10 @@ mod tests {
     #[test]
     fn hard_link_has_the_same_handle() {
         let (_tmp, tree, root) = setup();
-        let file = tree
-            .create(&root, b"one", &new(NodeKind::File, 0o644))
-            .unwrap();
+        let file = tree.create(&root, b"one", &new(NodeKind::File, 0o644)).unwrap();
         tree.link(&file, &root, b"two").unwrap();
         let two = tree.lookup(&root, b"two").unwrap();
-        assert_eq!(
-            tree.handle_of(&two).unwrap(),
-            tree.handle_of(&file).unwrap()
-        );
+        assert_eq!(tree.handle_of(&two).unwrap(), tree.handle_of(&file).unwrap());
         assert_eq!(stat(&file).unwrap().st_nlink, 2);
         assert_eq!(errno(tree.link(&file, &root, b"two")), libc::EEXIST);
     }
@@ -895,12 +694,7 @@ mod tests {
     #[test]
     fn symlink_is_made_and_held_as_the_link_itself() {
         let (_tmp, tree, root) = setup();
-        let spec = NewNode {
-            uid: 1234,
-            gid: 5678,
-            target: b"../outside/target",
-            ..new(NodeKind::Symlink, 0o777)
-        };
+        let spec = NewNode { uid: 1234, gid: 5678, target: b"../outside/target", ..new(NodeKind::Symlink, 0o777) };
         let link = tree.create(&root, b"ln", &spec).unwrap();
         assert_eq!(read_link(&link).unwrap(), b"../outside/target");
         let st = stat(&link).unwrap();
@@ -910,14 +704,8 @@ mod tests {
         assert_eq!(read_link(&looked_up).unwrap(), b"../outside/target");
         // A long target is read whole.
         let long = vec![b'x'; 4000];
-        let spec = NewNode {
-            target: &long,
-            ..new(NodeKind::Symlink, 0o777)
-        };
-        assert_eq!(
-            read_link(&tree.create(&root, b"long", &spec).unwrap()).unwrap(),
-            long
-        );
+        let spec = NewNode { target: &long, ..new(NodeKind::Symlink, 0o777) };
+        assert_eq!(read_link(&tree.create(&root, b"long", &spec).unwrap()).unwrap(), long);
         // Not a symlink: the kernel's readlinkat(fd, "") answers ENOENT.
         assert_eq!(errno(read_link(&root)), libc::ENOENT);
     }
@@ -925,41 +713,23 @@ mod tests {
     #[test]
     fn create_sets_owner_and_suid_mode_exactly() {
         let (_tmp, tree, root) = setup();
-        let spec = NewNode {
-            uid: 1000,
-            gid: 1001,
-            ..new(NodeKind::File, 0o106755)
-        };
+        let spec = NewNode { uid: 1000, gid: 1001, ..new(NodeKind::File, 0o106755) };
         let file = tree.create(&root, b"suid", &spec).unwrap();
         let st = stat(&file).unwrap();
-        assert_eq!(
-            (st.st_mode & 0o7777, st.st_uid, st.st_gid),
-            (0o6755, 1000, 1001)
-        );
+        assert_eq!((st.st_mode & 0o7777, st.st_uid, st.st_gid), (0o6755, 1000, 1001));
         // The umask does not apply. (Other tests running meanwhile set their modes exactly
         // too, so the process-wide change cannot disturb them.)
         // SAFETY: umask only swaps the process's mask.
         let old = unsafe { libc::umask(0o077) };
-        let open = tree
-            .create(&root, b"open", &new(NodeKind::File, 0o777))
-            .unwrap();
+        let open = tree.create(&root, b"open", &new(NodeKind::File, 0o777)).unwrap();
         // SAFETY: as above.
         unsafe { libc::umask(old) };
         assert_eq!(perm(&open), 0o777);
-        let spec = NewNode {
-            uid: 7,
-            gid: 8,
-            ..new(NodeKind::Dir, 0o3775)
-        };
+        let spec = NewNode { uid: 7, gid: 8, ..new(NodeKind::Dir, 0o3775) };
         let dir = tree.create(&root, b"sgid-dir", &spec).unwrap();
         let st = stat(&dir).unwrap();
         assert_eq!(
-            (
-                st.st_mode & libc::S_IFMT,
-                st.st_mode & 0o7777,
-                st.st_uid,
-                st.st_gid
-            ),
+            (st.st_mode & libc::S_IFMT, st.st_mode & 0o7777, st.st_uid, st.st_gid),
             (libc::S_IFDIR, 0o3775, 7, 8)
         );
     }
@@ -967,41 +737,22 @@ mod tests {
     #[test]
     fn create_makes_special_files() {
         let (_tmp, tree, root) = setup();
-        let fifo = tree
-            .create(&root, b"fifo", &new(NodeKind::Fifo, 0o640))
-            .unwrap();
+        let fifo = tree.create(&root, b"fifo", &new(NodeKind::Fifo, 0o640)).unwrap();
         assert_eq!(stat(&fifo).unwrap().st_mode, libc::S_IFIFO | 0o640);
-        let sock = tree
-            .create(&root, b"sock", &new(NodeKind::Socket, 0o600))
-            .unwrap();
+        let sock = tree.create(&root, b"sock", &new(NodeKind::Socket, 0o600)).unwrap();
         assert_eq!(stat(&sock).unwrap().st_mode, libc::S_IFSOCK | 0o600);
         let rdev = libc::makedev(1, 3);
-        let spec = NewNode {
-            rdev,
-            ..new(NodeKind::CharDev, 0o666)
-        };
+        let spec = NewNode { rdev, ..new(NodeKind::CharDev, 0o666) };
         let chr = tree.create(&root, b"null", &spec).unwrap();
         let st = stat(&chr).unwrap();
         assert_eq!((st.st_mode, st.st_rdev), (libc::S_IFCHR | 0o666, rdev));
-        let spec = NewNode {
-            rdev: libc::makedev(7, 0),
-            ..new(NodeKind::BlockDev, 0o660)
-        };
+        let spec = NewNode { rdev: libc::makedev(7, 0), ..new(NodeKind::BlockDev, 0o660) };
         let blk = tree.create(&root, b"loop", &spec).unwrap();
         assert_eq!(stat(&blk).unwrap().st_mode & libc::S_IFMT, libc::S_IFBLK);
         // Data operations refuse what is not a regular file, before opening it.
         assert_eq!(errno(tree.write(&chr, 0, b"x")), libc::EINVAL);
         assert_eq!(errno(tree.write(&fifo, 0, b"x")), libc::EINVAL);
-        assert_eq!(
-            errno(tree.set_attr(
-                &fifo,
-                &SetAttr {
-                    size: Some(0),
-                    ..SetAttr::default()
-                }
-            )),
-            libc::EINVAL
-        );
+        assert_eq!(errno(tree.set_attr(&fifo, &SetAttr { size: Some(0), ..SetAttr::default() })), libc::EINVAL);
         assert_eq!(errno(tree.write(&root, 0, b"x")), libc::EISDIR);
         assert_eq!(errno(tree.fallocate(&blk, 0, 0, 1)), libc::EINVAL);
     }
@@ -1009,30 +760,18 @@ mod tests {
     #[test]
     fn create_of_an_existing_name_is_eexist_and_changes_nothing() {
         let (_tmp, tree, root) = setup();
-        let spec = NewNode {
-            uid: 5,
-            ..new(NodeKind::File, 0o600)
-        };
+        let spec = NewNode { uid: 5, ..new(NodeKind::File, 0o600) };
         let file = tree.create(&root, b"x", &spec).unwrap();
         for kind in [NodeKind::File, NodeKind::Dir, NodeKind::Fifo] {
-            let spec = NewNode {
-                uid: 9,
-                ..new(kind, 0o777)
-            };
+            let spec = NewNode { uid: 9, ..new(kind, 0o777) };
             assert_eq!(errno(tree.create(&root, b"x", &spec)), libc::EEXIST);
         }
         let st = stat(&file).unwrap();
         assert_eq!((st.st_mode & 0o7777, st.st_uid), (0o600, 5));
         // A dangling symlink is a name too: O_EXCL does not follow it.
-        let spec = NewNode {
-            target: b"nowhere",
-            ..new(NodeKind::Symlink, 0o777)
-        };
+        let spec = NewNode { target: b"nowhere", ..new(NodeKind::Symlink, 0o777) };
         tree.create(&root, b"dangling", &spec).unwrap();
-        assert_eq!(
-            errno(tree.create(&root, b"dangling", &new(NodeKind::File, 0o644))),
-            libc::EEXIST
-        );
+        assert_eq!(errno(tree.create(&root, b"dangling", &new(NodeKind::File, 0o644))), libc::EEXIST);
         assert_eq!(errno(tree.lookup(&root, b"nowhere")), libc::ENOENT);
     }
 
@@ -1041,20 +780,11 @@ mod tests {
         let (_tmp, tree, root) = setup();
         for name in [&b""[..], b".", b"..", b"a/b", b"/etc", b"nul\0byte"] {
             assert_eq!(errno(tree.lookup(&root, name)), libc::EINVAL, "{name:?}");
-            assert_eq!(
-                errno(tree.create(&root, name, &new(NodeKind::File, 0o644))),
-                libc::EINVAL
-            );
+            assert_eq!(errno(tree.create(&root, name, &new(NodeKind::File, 0o644))), libc::EINVAL);
             assert_eq!(errno(tree.unlink(&root, name, false)), libc::EINVAL);
-            assert_eq!(
-                errno(tree.rename(&root, name, &root, b"z", 0)),
-                libc::EINVAL
-            );
+            assert_eq!(errno(tree.rename(&root, name, &root, b"z", 0)), libc::EINVAL);
         }
-        let spec = NewNode {
-            target: b"a\0b",
-            ..new(NodeKind::Symlink, 0o777)
-        };
+        let spec = NewNode { target: b"a\0b", ..new(NodeKind::Symlink, 0o777) };
         assert_eq!(errno(tree.create(&root, b"s", &spec)), libc::EINVAL);
         assert_eq!(errno(tree.lookup(&root, b"s")), libc::ENOENT);
     }
@@ -1062,66 +792,31 @@ mod tests {
     #[test]
     fn set_attr_applies_owner_then_mode_then_size_then_times() {
         let (_tmp, tree, root) = setup();
-        let file = tree
-            .create(&root, b"f", &new(NodeKind::File, 0o644))
-            .unwrap();
+        let file = tree.create(&root, b"f", &new(NodeKind::File, 0o644)).unwrap();
         tree.write(&file, 0, &[7u8; 10_000]).unwrap();
         let attr = SetAttr {
             mode: Some(0o4750),
             uid: Some(42),
             gid: Some(43),
             size: Some(100),
-            atime: Some(Timestamp {
-                secs: 1_000_000_000,
-                nanos: 123,
-            }),
-            mtime: Some(Timestamp {
-                secs: 1_500_000_000,
-                nanos: 456_789,
-            }),
+            atime: Some(Timestamp { secs: 1_000_000_000, nanos: 123 }),
+            mtime: Some(Timestamp { secs: 1_500_000_000, nanos: 456_789 }),
         };
         tree.set_attr(&file, &attr).unwrap();
         let st = stat(&file).unwrap();
-        assert_eq!(
-            (st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_size),
-            (0o4750, 42, 43, 100)
-        );
+        assert_eq!((st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_size), (0o4750, 42, 43, 100));
         assert_eq!((st.st_atime, st.st_atime_nsec), (1_000_000_000, 123));
         assert_eq!((st.st_mtime, st.st_mtime_nsec), (1_500_000_000, 456_789));
 
         // A chown alone clears suid, as the kernel defines it.
-        tree.set_attr(
-            &file,
-            &SetAttr {
-                uid: Some(44),
-                ..SetAttr::default()
-            },
-        )
-        .unwrap();
+        tree.set_attr(&file, &SetAttr { uid: Some(44), ..SetAttr::default() }).unwrap();
         let st = stat(&file).unwrap();
         assert_eq!((st.st_mode & 0o7777, st.st_uid, st.st_gid), (0o750, 44, 43));
 
         // None leaves a time alone; growing by truncate zero-fills.
-        tree.set_attr(
-            &file,
-            &SetAttr {
-                size: Some(200),
-                ..SetAttr::default()
-            },
-        )
-        .unwrap();
-        let atime = Timestamp {
-            secs: 2_000_000_000,
-            nanos: 0,
-        };
-        tree.set_attr(
-            &file,
-            &SetAttr {
-                atime: Some(atime),
-                ..SetAttr::default()
-            },
-        )
-        .unwrap();
+        tree.set_attr(&file, &SetAttr { size: Some(200), ..SetAttr::default() }).unwrap();
+        let atime = Timestamp { secs: 2_000_000_000, nanos: 0 };
+        tree.set_attr(&file, &SetAttr { atime: Some(atime), ..SetAttr::default() }).unwrap();
         let st = stat(&file).unwrap();
         assert_eq!(st.st_atime, 2_000_000_000);
         assert_ne!(st.st_mtime, 1_500_000_000, "the truncate set mtime");
@@ -1133,30 +828,14 @@ mod tests {
     #[test]
     fn set_attr_on_a_symlink_changes_the_link_not_its_target() {
         let (_tmp, tree, root) = setup();
-        let target = tree
-            .create(&root, b"target", &new(NodeKind::File, 0o600))
-            .unwrap();
-        let spec = NewNode {
-            target: b"target",
-            ..new(NodeKind::Symlink, 0o777)
-        };
+        let target = tree.create(&root, b"target", &new(NodeKind::File, 0o600)).unwrap();
+        let spec = NewNode { target: b"target", ..new(NodeKind::Symlink, 0o777) };
         let link = tree.create(&root, b"link", &spec).unwrap();
-        let mtime = Timestamp {
-            secs: 1_234_567_890,
-            nanos: 5,
-        };
-        let attr = SetAttr {
-            mode: Some(0o600),
-            uid: Some(77),
-            mtime: Some(mtime),
-            ..SetAttr::default()
-        };
+        let mtime = Timestamp { secs: 1_234_567_890, nanos: 5 };
+        let attr = SetAttr { mode: Some(0o600), uid: Some(77), mtime: Some(mtime), ..SetAttr::default() };
         tree.set_attr(&link, &attr).unwrap();
         let (ls, ts) = (stat(&link).unwrap(), stat(&target).unwrap());
-        assert_eq!(
-            (ls.st_uid, ls.st_mtime, ls.st_mtime_nsec),
-            (77, 1_234_567_890, 5)
-        );
+        assert_eq!((ls.st_uid, ls.st_mtime, ls.st_mtime_nsec), (77, 1_234_567_890, 5));
         assert_eq!(ls.st_mode & 0o7777, 0o777, "mode is skipped on symlinks");
         assert_eq!((ts.st_uid, ts.st_mode & 0o7777), (0, 0o600));
         assert_ne!(ts.st_mtime, 1_234_567_890);
@@ -1165,9 +844,7 @@ mod tests {
     #[test]
     fn write_lands_at_its_offset() {
         let (_tmp, tree, root) = setup();
-        let file = tree
-            .create(&root, b"w", &new(NodeKind::File, 0o644))
-            .unwrap();
+        let file = tree.create(&root, b"w", &new(NodeKind::File, 0o644)).unwrap();
         tree.write(&file, 0, b"hello world").unwrap();
         tree.write(&file, 6, b"WORLD").unwrap();
         tree.write(&file, 20, b"!").unwrap();
@@ -1184,9 +861,7 @@ mod tests {
     #[test]
     fn xattrs_set_get_list_remove() {
         let (_tmp, tree, root) = setup();
-        let file = tree
-            .create(&root, b"x", &new(NodeKind::File, 0o644))
-            .unwrap();
+        let file = tree.create(&root, b"x", &new(NodeKind::File, 0o644)).unwrap();
         tree.set_xattr(&file, b"user.one", b"1", 0).unwrap();
         tree.set_xattr(&file, b"user.empty", b"", 0).unwrap();
         let big = vec![b'v'; 3000];
@@ -1199,21 +874,12 @@ mod tests {
         names.extend(list.split(|&b| b == 0).filter(|n| !n.is_empty()));
         names.sort();
         assert_eq!(names, [&b"user.big"[..], b"user.empty", b"user.one"]);
-        assert_eq!(
-            errno(tree.set_xattr(&file, b"user.one", b"2", libc::XATTR_CREATE as u32)),
-            libc::EEXIST
-        );
-        assert_eq!(
-            errno(tree.set_xattr(&file, b"user.two", b"2", libc::XATTR_REPLACE as u32)),
-            libc::ENODATA
-        );
+        assert_eq!(errno(tree.set_xattr(&file, b"user.one", b"2", libc::XATTR_CREATE as u32)), libc::EEXIST);
+        assert_eq!(errno(tree.set_xattr(&file, b"user.two", b"2", libc::XATTR_REPLACE as u32)), libc::ENODATA);
         tree.remove_xattr(&file, b"user.one").unwrap();
         assert_eq!(errno(get_xattr(&file, b"user.one")), libc::ENODATA);
         assert_eq!(errno(tree.remove_xattr(&file, b"user.one")), libc::ENODATA);
-        assert_eq!(
-            errno(tree.set_xattr(&file, b"user.\0", b"", 0)),
-            libc::EINVAL
-        );
+        assert_eq!(errno(tree.set_xattr(&file, b"user.\0", b"", 0)), libc::EINVAL);
         // Directories take user.* too.
         tree.set_xattr(&root, b"user.dir", b"d", 0).unwrap();
         assert_eq!(get_xattr(&root, b"user.dir").unwrap(), b"d");
@@ -1222,18 +888,10 @@ mod tests {
     #[test]
     fn xattrs_on_a_symlink_apply_to_the_link_itself() {
         let (_tmp, tree, root) = setup();
-        let target = tree
-            .create(&root, b"t", &new(NodeKind::File, 0o644))
-            .unwrap();
-        let spec = NewNode {
-            target: b"t",
-            ..new(NodeKind::Symlink, 0o777)
-        };
+        let target = tree.create(&root, b"t", &new(NodeKind::File, 0o644)).unwrap();
+        let spec = NewNode { target: b"t", ..new(NodeKind::Symlink, 0o777) };
         let link = tree.create(&root, b"l", &spec).unwrap();
-        assert_eq!(
-            errno(tree.set_xattr(&link, b"user.a", b"1", 0)),
-            libc::EPERM
-        );
+        assert_eq!(errno(tree.set_xattr(&link, b"user.a", b"1", 0)), libc::EPERM);
         tree.set_xattr(&link, b"trusted.a", b"on-link", 0).unwrap();
         assert_eq!(get_xattr(&link, b"trusted.a").unwrap(), b"on-link");
         assert_eq!(errno(get_xattr(&target, b"trusted.a")), libc::ENODATA);
@@ -1243,54 +901,31 @@ mod tests {
     #[test]
     fn rename_noreplace_refuses_an_existing_name() {
         let (_tmp, tree, root) = setup();
-        tree.create(&root, b"a", &new(NodeKind::File, 0o644))
-            .unwrap();
-        tree.create(&root, b"b", &new(NodeKind::File, 0o644))
-            .unwrap();
-        assert_eq!(
-            errno(tree.rename(&root, b"a", &root, b"b", libc::RENAME_NOREPLACE)),
-            libc::EEXIST
-        );
-        tree.rename(&root, b"a", &root, b"c", libc::RENAME_NOREPLACE)
-            .unwrap();
+        tree.create(&root, b"a", &new(NodeKind::File, 0o644)).unwrap();
+        tree.create(&root, b"b", &new(NodeKind::File, 0o644)).unwrap();
+        assert_eq!(errno(tree.rename(&root, b"a", &root, b"b", libc::RENAME_NOREPLACE)), libc::EEXIST);
+        tree.rename(&root, b"a", &root, b"c", libc::RENAME_NOREPLACE).unwrap();
         assert_eq!(errno(tree.lookup(&root, b"a")), libc::ENOENT);
     }
 
     #[test]
     fn rename_exchange_swaps_the_two_names() {
         let (_tmp, tree, root) = setup();
-        let a = tree
-            .create(&root, b"a", &new(NodeKind::File, 0o644))
-            .unwrap();
-        let dir = tree
-            .create(&root, b"d", &new(NodeKind::Dir, 0o755))
-            .unwrap();
+        let a = tree.create(&root, b"a", &new(NodeKind::File, 0o644)).unwrap();
+        let dir = tree.create(&root, b"d", &new(NodeKind::Dir, 0o755)).unwrap();
         let b = tree.create(&dir, b"b", &new(NodeKind::Dir, 0o755)).unwrap();
-        tree.rename(&root, b"a", &dir, b"b", libc::RENAME_EXCHANGE)
-            .unwrap();
+        tree.rename(&root, b"a", &dir, b"b", libc::RENAME_EXCHANGE).unwrap();
         let (ha, hb) = (tree.handle_of(&a).unwrap(), tree.handle_of(&b).unwrap());
-        assert_eq!(
-            tree.handle_of(&tree.lookup(&dir, b"b").unwrap()).unwrap(),
-            ha
-        );
-        assert_eq!(
-            tree.handle_of(&tree.lookup(&root, b"a").unwrap()).unwrap(),
-            hb
-        );
-        assert_eq!(
-            errno(tree.rename(&root, b"a", &root, b"none", libc::RENAME_EXCHANGE)),
-            libc::ENOENT
-        );
+        assert_eq!(tree.handle_of(&tree.lookup(&dir, b"b").unwrap()).unwrap(), ha);
+        assert_eq!(tree.handle_of(&tree.lookup(&root, b"a").unwrap()).unwrap(), hb);
+        assert_eq!(errno(tree.rename(&root, b"a", &root, b"none", libc::RENAME_EXCHANGE)), libc::ENOENT);
     }
 
     #[test]
     fn unlink_and_rmdir() {
         let (_tmp, tree, root) = setup();
-        let dir = tree
-            .create(&root, b"d", &new(NodeKind::Dir, 0o755))
-            .unwrap();
-        tree.create(&dir, b"f", &new(NodeKind::File, 0o644))
-            .unwrap();
+        let dir = tree.create(&root, b"d", &new(NodeKind::Dir, 0o755)).unwrap();
+        tree.create(&dir, b"f", &new(NodeKind::File, 0o644)).unwrap();
         assert_eq!(errno(tree.unlink(&root, b"d", true)), libc::ENOTEMPTY);
         assert_eq!(errno(tree.unlink(&root, b"d", false)), libc::EISDIR);
         assert_eq!(errno(tree.unlink(&dir, b"f", true)), libc::ENOTDIR);
@@ -1303,9 +938,7 @@ mod tests {
     #[test]
     fn fallocate_punches_a_hole_and_keeps_the_size() {
         let (_tmp, tree, root) = setup();
-        let file = tree
-            .create(&root, b"p", &new(NodeKind::File, 0o644))
-            .unwrap();
+        let file = tree.create(&root, b"p", &new(NodeKind::File, 0o644)).unwrap();
         tree.write(&file, 0, &[0xAA; 3 * 65536]).unwrap();
         tree.sync_all().unwrap();
         let blocks_before = stat(&file).unwrap().st_blocks;
@@ -1313,11 +946,7 @@ mod tests {
         tree.fallocate(&file, mode, 65536, 65536).unwrap();
         let st = stat(&file).unwrap();
         assert_eq!(st.st_size, 3 * 65536);
-        assert!(
-            st.st_blocks < blocks_before,
-            "{} < {blocks_before}",
-            st.st_blocks
-        );
+        assert!(st.st_blocks < blocks_before, "{} < {blocks_before}", st.st_blocks);
         let data = read_all(&file);
         assert!(data[..65536].iter().all(|&b| b == 0xAA));
         assert!(data[65536..131072].iter().all(|&b| b == 0));
@@ -1335,26 +964,16 @@ mod tests {
         let mut want = Vec::new();
         for i in 0..1000 {
             let name = format!("entry-with-a-longish-name-{i:04}").into_bytes();
-            let kind = if i % 10 == 0 {
-                NodeKind::Dir
-            } else {
-                NodeKind::File
-            };
+            let kind = if i % 10 == 0 { NodeKind::Dir } else { NodeKind::File };
             let node = tree.create(&root, &name, &new(kind, 0o755)).unwrap();
-            let d_type = if kind == NodeKind::Dir {
-                libc::DT_DIR
-            } else {
-                libc::DT_REG
-            } as u32;
+            let d_type = if kind == NodeKind::Dir { libc::DT_DIR } else { libc::DT_REG } as u32;
             want.push((name, stat(&node).unwrap().st_ino, d_type));
         }
         let mut got = read_dir(&root).unwrap();
         got.sort();
         want.sort();
         assert_eq!(got, want);
-        let file = tree
-            .lookup(&root, b"entry-with-a-longish-name-0001")
-            .unwrap();
+        let file = tree.lookup(&root, b"entry-with-a-longish-name-0001").unwrap();
         assert_eq!(errno(read_dir(&file)), libc::ENOTDIR);
     }
 
@@ -1370,15 +989,9 @@ mod tests {
     #[test]
     fn reopen_drops_create_excl_and_nofollow() {
         let (_tmp, tree, root) = setup();
-        let file = tree
-            .create(&root, b"r", &new(NodeKind::File, 0o644))
-            .unwrap();
+        let file = tree.create(&root, b"r", &new(NodeKind::File, 0o644)).unwrap();
         tree.write(&file, 0, b"abc").unwrap();
-        let fd = reopen(
-            &file,
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-        )
-        .unwrap();
+        let fd = reopen(&file, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW).unwrap();
         let mut buf = [0u8; 3];
         File::from(fd).read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"abc");

@@ -30,7 +30,9 @@ impl Background {
     ) -> Background {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for (name, every, is_checkpoint) in [("ferryfs-commit", commit, false), ("ferryfs-checkpoint", checkpoint, true)] {
+        for (name, every, is_checkpoint) in
+            [("ferryfs-commit", commit, false), ("ferryfs-checkpoint", checkpoint, true)]
+        {
             let (core, stop, kernel_flush) = (core.clone(), stop.clone(), kernel_flush.clone());
             let t = thread::Builder::new()
                 .name(name.into())
@@ -85,7 +87,15 @@ mod tests {
         sb.boot_id = [1; 16];
         let geo = JournalGeometry { segment_size: 64 << 10, segment_count: 4 };
         let opened = recovery::create(storage.clone(), geo, sb).unwrap();
-        let core = Arc::new(Core::new(opened.journal, tree.clone(), IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default()).unwrap());
+        let core = Arc::new(
+            Core::new(
+                opened.journal,
+                tree.clone(),
+                IdTable::from_snapshot(opened.ids.snapshot()),
+                CoreConfig::default(),
+            )
+            .unwrap(),
+        );
         let bg = Background::start(&core, Duration::from_millis(50), Duration::from_secs(3600), None);
         let new = NewNode { kind: NodeKind::File, mode: 0o644, uid: 0, gid: 0, rdev: 0, target: b"" };
         let (id, _) = core.create(FileId::ROOT, b"f", &new).unwrap();

@@ -231,7 +231,8 @@ impl<S: Storage, T: Tree> Core<S, T> {
             Err(Errno(libc::ENOENT)) => FileId::NONE,
             Err(e) => return Err(e),
         };
-        let op = Op::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags, id, replaced };
+        let op =
+            Op::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags, id, replaced };
         let (tx, ()) = self.transact(&op, || self.tree.rename(&from, name, &to, new_name, flags))?;
         self.journal.commit(tx)?;
         Ok(())
@@ -267,7 +268,14 @@ impl<S: Storage, T: Tree> Core<S, T> {
     }
 
     /// `apply` runs the fallocate on an open fd when the caller has one.
-    pub fn fallocate(&self, id: FileId, mode: u32, offset: u64, len: u64, apply: Option<&dyn Fn() -> io::Result<()>>) -> R<()> {
+    pub fn fallocate(
+        &self,
+        id: FileId,
+        mode: u32,
+        offset: u64,
+        len: u64,
+        apply: Option<&dyn Fn() -> io::Result<()>>,
+    ) -> R<()> {
         let node = self.node(id)?;
         let _f = self.file_lock(id);
         let op = Op::Fallocate { id, mode, offset, len };

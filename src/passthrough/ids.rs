@@ -25,7 +25,12 @@ pub struct IdTable<N> {
 
 impl<N> IdTable<N> {
     pub fn from_snapshot(snap: IdSnapshot) -> IdTable<N> {
-        let mut t = IdTable { by_id: HashMap::new(), by_handle: HashMap::new(), next: snap.next_file_id.max(FileId::FIRST_FREE), cached: 0 };
+        let mut t = IdTable {
+            by_id: HashMap::new(),
+            by_handle: HashMap::new(),
+            next: snap.next_file_id.max(FileId::FIRST_FREE),
+            cached: 0,
+        };
         for (id, h) in snap.entries {
             t.insert(id, h);
         }

@@ -40,7 +40,11 @@ pub struct CrashConfig {
 impl Default for CrashConfig {
     fn default() -> Self {
         // Small segments, so rollover and reuse happen within a few hundred operations.
-        CrashConfig { ops_per_cycle: 150, cycles: 3, geometry: JournalGeometry { segment_size: 64 << 10, segment_count: 4 } }
+        CrashConfig {
+            ops_per_cycle: 150,
+            cycles: 3,
+            geometry: JournalGeometry { segment_size: 64 << 10, segment_count: 4 },
+        }
     }
 }
 
@@ -80,8 +84,9 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
     let storage = SimStorage::new();
     let tree = SimTree::new();
     let opened = recovery::create(storage.clone(), cfg.geometry, new_superblock()).map_err(|e| e.to_string())?;
-    let mut core = Core::new(opened.journal, tree.clone(), IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default())
-        .map_err(|e| e.to_string())?;
+    let mut core =
+        Core::new(opened.journal, tree.clone(), IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default())
+            .map_err(|e| e.to_string())?;
     let mut stats = SeedStats::default();
     let mut boot = [1u8; 16];
     for cycle in 0..cfg.cycles {
@@ -92,23 +97,26 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
         for _ in 0..ops {
             step(&core, &mut rng, &mut stats);
             states.push(tree.listing());
-            if rng.gen_ratio(1, 6) {
-                if core.sync().is_ok() {
-                    synced = states.len() - 1;
-                    stats.syncs += 1;
-                }
+            if rng.gen_ratio(1, 6) && core.sync().is_ok() {
+                synced = states.len() - 1;
+                stats.syncs += 1;
             }
             if rng.gen_ratio(1, 25) {
                 let r = core.checkpoint();
                 if std::env::var_os("FERRYFS_SIM_TRACE").is_some() {
                     let disk = read_superblock(&storage).map(|s| (s.seq, s.start_lsn));
-                    eprintln!("checkpoint: {r:?} start now {:?} {:?} on disk {disk:?}", core.journal.superblock().seq, core.journal.superblock().start_lsn);
+                    eprintln!(
+                        "checkpoint: {r:?} start now {:?} {:?} on disk {disk:?}",
+                        core.journal.superblock().seq,
+                        core.journal.superblock().start_lsn
+                    );
                 }
             }
         }
         if std::env::var_os("FERRYFS_SIM_TRACE").is_some() {
             let snap = core.ids().snapshot();
-            let v: Vec<_> = snap.entries.iter().map(|(k, h)| (k.0, u64::from_le_bytes(h.0.clone().try_into().unwrap()))).collect();
+            let v: Vec<_> =
+                snap.entries.iter().map(|(k, h)| (k.0, u64::from_le_bytes(h.0.clone().try_into().unwrap()))).collect();
             eprintln!("live ids (id, ino): {v:?}; live inodes {:?}", tree.inodes());
         }
         drop(core);
@@ -127,12 +135,14 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
             trace_log(&storage, &sb);
             eprintln!("inodes: {:?}", tree.inodes());
             let ids = IdMap::load(&storage, &sb).unwrap();
-            let mut v: Vec<_> = ids.map.iter().map(|(k, h)| (k.0, u64::from_le_bytes(h.0.clone().try_into().unwrap()))).collect();
+            let mut v: Vec<_> =
+                ids.map.iter().map(|(k, h)| (k.0, u64::from_le_bytes(h.0.clone().try_into().unwrap()))).collect();
             v.sort();
             eprintln!("ids (id, ino): {v:?}");
         }
         check_idempotent(&storage, &sb, &tree, boot).map_err(|e| format!("cycle {cycle}: {e}"))?;
-        let opened = recovery::recover(storage.clone(), sb, &tree, boot, machine, &mut |_, _| {}).map_err(|e| format!("cycle {cycle}: recovery failed: {e}"))?;
+        let opened = recovery::recover(storage.clone(), sb, &tree, boot, machine, &mut |_, _| {})
+            .map_err(|e| format!("cycle {cycle}: recovery failed: {e}"))?;
         stats.records_replayed += opened.report.records;
         if !opened.report.failed.is_empty() {
             return Err(format!("cycle {cycle}: redo failures: {:?}", opened.report.failed));
@@ -159,8 +169,13 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
             }
             Some(_) => {}
         }
-        core = Core::new(opened.journal, tree.clone(), IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default())
-            .map_err(|e| e.to_string())?;
+        core = Core::new(
+            opened.journal,
+            tree.clone(),
+            IdTable::from_snapshot(opened.ids.snapshot()),
+            CoreConfig::default(),
+        )
+        .map_err(|e| e.to_string())?;
     }
     Ok(stats)
 }
@@ -174,12 +189,18 @@ fn check_idempotent(storage: &SimStorage, sb: &Superblock, tree: &SimTree, boot:
     let end = replay::find_end(&disk, sb).map_err(|e| e.to_string())?;
     let journal = Journal::open(disk.clone(), sb.clone(), end.pos, end.next_lsn).map_err(|e| e.to_string())?;
     let mut once = IdMap::load(&disk, sb).map_err(|e| e.to_string())?;
-    replay::replay(&disk, sb, &copy, &mut once, Some(&journal), boot, &mut |_, _| {}).map_err(|e| format!("replay: {e}"))?;
+    replay::replay(&disk, sb, &copy, &mut once, Some(&journal), boot, &mut |_, _| {})
+        .map_err(|e| format!("replay: {e}"))?;
     let after_one = copy.listing();
     let mut twice = IdMap::load(&disk, sb).map_err(|e| e.to_string())?;
-    replay::replay(&disk, sb, &copy, &mut twice, Some(&journal), boot, &mut |_, _| {}).map_err(|e| format!("second replay: {e}"))?;
+    replay::replay(&disk, sb, &copy, &mut twice, Some(&journal), boot, &mut |_, _| {})
+        .map_err(|e| format!("second replay: {e}"))?;
     if copy.listing() != after_one {
-        return Err(format!("replaying twice differs from once:\n  once:  {}\n  twice: {}", show(&after_one), show(&copy.listing())));
+        return Err(format!(
+            "replaying twice differs from once:\n  once:  {}\n  twice: {}",
+            show(&after_one),
+            show(&copy.listing())
+        ));
     }
     Ok(())
 }
@@ -256,7 +277,10 @@ fn trace_log(storage: &SimStorage, sb: &Superblock) {
             if let Ok(seg) = storage.open_segment(i, sb.segment_size, false) {
                 let mut hb = [0u8; 64];
                 seg.read(0, &mut hb);
-                eprintln!("segment {i}: {:?}", crate::format::segment::SegmentHeader::decode(&hb).map(|h| (h.seq, h.first_lsn.0)));
+                eprintln!(
+                    "segment {i}: {:?}",
+                    crate::format::segment::SegmentHeader::decode(&hb).map(|h| (h.seq, h.first_lsn.0))
+                );
             }
         }
     }

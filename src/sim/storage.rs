@@ -67,7 +67,13 @@ impl SimStorage {
                 (*i, Arc::new(Mutex::new(copy)))
             })
             .collect();
-        let disk = Disk { segments, superblock: d.superblock.clone(), files: d.files.clone(), fail_flush_at: None, flushes: 0 };
+        let disk = Disk {
+            segments,
+            superblock: d.superblock.clone(),
+            files: d.files.clone(),
+            fail_flush_at: None,
+            flushes: 0,
+        };
         SimStorage { disk: Arc::new(Mutex::new(disk)) }
     }
 

@@ -106,16 +106,10 @@ impl Mount {
     /// (`ferryfs mount MNT --backing B --journal J ARGS...`), after those from
     /// `FERRYFS_TEST_ARGS`. `args` are ignored by the bindfs and bind backends.
     pub fn start_with(args: &[&str]) -> Mount {
-        let mut all: Vec<String> = std::env::var("FERRYFS_TEST_ARGS")
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(String::from)
-            .collect();
+        let mut all: Vec<String> =
+            std::env::var("FERRYFS_TEST_ARGS").unwrap_or_default().split_whitespace().map(String::from).collect();
         all.extend(args.iter().map(|s| s.to_string()));
-        let tmp = tempfile::Builder::new()
-            .prefix("ferryfs-test-")
-            .tempdir()
-            .expect("create temp dir");
+        let tmp = tempfile::Builder::new().prefix("ferryfs-test-").tempdir().expect("create temp dir");
         // tempfile makes the dir 0700; permission tests run as uid 65534 and
         // must be able to reach the mount point.
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -151,11 +145,7 @@ impl Mount {
     /// directory, for doing the same thing natively and comparing.
     pub fn plain_dir(&self) -> PathBuf {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let p = self
-            .base()
-            .canonicalize()
-            .unwrap()
-            .join(format!("plain-{}", N.fetch_add(1, Ordering::Relaxed)));
+        let p = self.base().canonicalize().unwrap().join(format!("plain-{}", N.fetch_add(1, Ordering::Relaxed)));
         fs::create_dir(&p).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
         p
@@ -188,9 +178,7 @@ impl Mount {
 
     /// Everything the daemon(s) printed so far.
     pub fn log(&self) -> String {
-        fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     fn command(&self) -> Command {
@@ -235,23 +223,13 @@ impl Mount {
 
     fn spawn_and_wait(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
-        assert!(
-            !self.is_mounted(),
-            "{} is still mounted before start",
-            self.mnt.display()
-        );
+        assert!(!self.is_mounted(), "{} is still mounted before start", self.mnt.display());
         self.starts += 1;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
+        let log = OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         use std::io::Write;
         writeln!(&log, "===== start #{} =====", self.starts).unwrap();
         let mut cmd = self.command();
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         // Safety net: if the test thread that spawned the daemon dies without
         // running Drop (e.g. the test binary is SIGKILLed), the daemon gets
         // SIGTERM and unmounts.
@@ -261,9 +239,7 @@ impl Mount {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         self.child = Some(child);
 
         let deadline = Instant::now() + MOUNT_TIMEOUT;
@@ -289,12 +265,7 @@ impl Mount {
             }
             if Instant::now() > deadline {
                 self.shutdown(Duration::from_millis(500));
-                panic!(
-                    "{} was not mounted after {:?}; output:\n{}",
-                    self.mnt.display(),
-                    MOUNT_TIMEOUT,
-                    self.log()
-                );
+                panic!("{} was not mounted after {:?}; output:\n{}", self.mnt.display(), MOUNT_TIMEOUT, self.log());
             }
             sleep(Duration::from_millis(20));
         }
@@ -363,10 +334,7 @@ impl Mount {
                     libc::kill(child.id() as i32, libc::SIGKILL);
                 }
                 let _ = child.wait();
-                panic!(
-                    "daemon did not exit within {STOP_TIMEOUT:?} of SIGTERM; output:\n{}",
-                    self.log()
-                );
+                panic!("daemon did not exit within {STOP_TIMEOUT:?} of SIGTERM; output:\n{}", self.log());
             }
         };
         // The daemon unmounts before it exits; allow a moment for the kernel.
@@ -389,7 +357,8 @@ impl Mount {
     /// Must not be called while mounted.
     pub fn replay(&self, extra: &[&str]) -> Output {
         assert!(self.child.is_none(), "replay while the mount is running");
-        let out = ferryfs()
+
+        ferryfs()
             .arg("replay")
             .arg("--journal")
             .arg(&self.journal)
@@ -398,8 +367,7 @@ impl Mount {
             .args(extra)
             .stdin(Stdio::null())
             .output()
-            .expect("run ferryfs replay");
-        out
+            .expect("run ferryfs replay")
     }
 
     /// `ferryfs inspect --journal J [extra...]`, output captured.
@@ -443,11 +411,7 @@ impl Drop for Mount {
     fn drop(&mut self) {
         self.shutdown(DROP_GRACE);
         if std::thread::panicking() || std::env::var_os("FERRYFS_TEST_SHOW_LOG").is_some() {
-            eprintln!(
-                "---- daemon output ({}) ----\n{}---- end ----",
-                self.log.display(),
-                self.log()
-            );
+            eprintln!("---- daemon output ({}) ----\n{}---- end ----", self.log.display(), self.log());
         }
     }
 }
@@ -513,15 +477,13 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
-                .ok()
-                .and_then(|t| u8::from_str_radix(t, 8).ok())
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 4]).ok().and_then(|t| u8::from_str_radix(t, 8).ok())
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -542,7 +504,7 @@ pub fn mount_fstype(mnt: &Path) -> Option<String> {
             let fstype = post.split(' ').next()?;
             (unescape_mountinfo(point) == want).then(|| fstype.to_string())
         })
-        .last()
+        .next_back()
 }
 
 /// True when `mnt` is the mount point of a FUSE filesystem.
@@ -553,33 +515,23 @@ pub fn is_fuse_mounted(mnt: &Path) -> bool {
 /// Detaches whatever is mounted at `mnt`, lazily: umount2(MNT_DETACH), then
 /// `umount -l`, then `fusermount3 -u -z`.
 pub fn force_unmount(mnt: &Path) {
-    if !mount_fstype(mnt).is_some() {
+    if mount_fstype(mnt).is_none() {
         return;
     }
     let c = cpath(mnt);
     unsafe {
         libc::umount2(c.as_ptr(), libc::MNT_DETACH);
     }
-    if !mount_fstype(mnt).is_some() {
+    if mount_fstype(mnt).is_none() {
         return;
     }
-    let _ = Command::new("umount")
-        .arg("-l")
-        .arg(mnt)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !mount_fstype(mnt).is_some() {
+    let _ = Command::new("umount").arg("-l").arg(mnt).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    if mount_fstype(mnt).is_none() {
         return;
     }
     for tool in ["fusermount3", "fusermount"] {
-        let _ = Command::new(tool)
-            .args(["-u", "-z"])
-            .arg(mnt)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if !mount_fstype(mnt).is_some() {
+        let _ = Command::new(tool).args(["-u", "-z"]).arg(mnt).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        if mount_fstype(mnt).is_none() {
             return;
         }
     }
@@ -684,9 +636,7 @@ pub fn as_user<F: FnOnce() -> i32>(uid: u32, gid: u32, f: F) -> i32 {
             assert!(r < 0 && errno() == libc::EINTR, "waitpid: {}", io::Error::last_os_error());
         }
         let st = ExitStatus::from_raw(status);
-        let code = st
-            .code()
-            .unwrap_or_else(|| panic!("as_user child died: {st}"));
+        let code = st.code().unwrap_or_else(|| panic!("as_user child died: {st}"));
         assert!(code < 250, "as_user child could not switch to {uid}:{gid} (exit {code})");
         code
     }
