@@ -130,6 +130,16 @@ pub fn boot_id() -> [u8; 16] {
     id
 }
 
+/// A progress bar on stderr for long journal work (drawn only on a terminal).
+pub fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    let template = format!("{what} {{bytes}}/{{total_bytes}} [{{bar:30}}] {{eta}}");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

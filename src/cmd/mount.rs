@@ -106,8 +106,13 @@ pub fn run(a: MountArgs) -> Result<()> {
             if dirty {
                 eprintln!("ferryfs: journal {} was not closed cleanly: replaying it", journal.display());
             }
-            let opened = recovery::recover(storage, sb.clone(), &tree, boot, false, &mut |_, _| {})
-                .map_err(|e| anyhow::anyhow!("recovery of {} failed: {e}", journal.display()))?;
+            let bar = common::progress_bar("recovering");
+            let opened = recovery::recover(storage, sb.clone(), &tree, boot, false, &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .map_err(|e| anyhow::anyhow!("recovery of {} failed: {e}", journal.display()))?;
+            bar.finish_and_clear();
             if dirty {
                 eprint!("{}", super::replay::describe(&opened.report, &sb, false));
             }

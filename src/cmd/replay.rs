@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::common::{self, human_bytes};
 use crate::format::segment::segment_name;
@@ -56,7 +55,7 @@ pub fn run(a: ReplayArgs) -> Result<()> {
     let sb = common::superblock(&storage)?;
     common::check_backing(&sb, &backing, &journal)?;
     let tree = OsTree::open(&backing).map_err(|e| anyhow::anyhow!("--backing {}: {e}", backing.display()))?;
-    let bar = progress_bar();
+    let bar = common::progress_bar("replaying");
     let mut progress = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
@@ -78,15 +77,6 @@ pub fn run(a: ReplayArgs) -> Result<()> {
     bar.finish_and_clear();
     print!("{}", describe(&report, &sb, a.dry_run));
     Ok(())
-}
-
-fn progress_bar() -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("replaying {bytes}/{total_bytes} [{bar:30}] {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
 }
 
 fn where_(sb: &crate::format::superblock::Superblock, pos: &crate::journal::Position) -> String {
