@@ -143,11 +143,12 @@ pub fn run(a: MountArgs) -> Result<()> {
     while !signalled.load(Ordering::Relaxed) && !bg.guard.is_finished() {
         thread::sleep(Duration::from_millis(50));
     }
+    // The timers stop first: the committer's syncfs of the mount must not race the unmount.
+    background.stop();
     let ended = if bg.guard.is_finished() { bg.join() } else { bg.umount_and_join() };
     if let Err(e) = ended {
         eprintln!("ferryfs: the FUSE session ended with an error: {e}");
     }
-    background.stop();
     core.journal.close_clean().map_err(|e| anyhow::anyhow!("closing the journal: {e}"))?;
     eprintln!("ferryfs: unmounted {}; journal closed cleanly", mountpoint.display());
     Ok(())

@@ -117,19 +117,17 @@ pub fn encode_into(out: &mut [u8], mut h: Header, payload: &[&[u8]]) -> u32 {
 }
 
 fn write_header(out: &mut [u8], h: &Header) {
-    let mut v = Vec::with_capacity(HEADER_SIZE);
-    v.put_u32(RECORD_MAGIC);
-    v.put_u16(FORMAT_VERSION);
-    v.put_u16(h.kind as u16);
-    v.put_u64(h.lsn.0);
-    v.put_u64(h.txid.0);
-    v.put_u32(h.payload_len);
-    v.put_u32(h.crc);
-    v.extend_from_slice(&h.set_id);
-    v.put_u64(h.epoch);
-    v.put_u64(h.time_ns);
-    debug_assert_eq!(v.len(), HEADER_SIZE);
-    out.copy_from_slice(&v);
+    // Straight into the output (this runs once per record on the write path).
+    out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    out[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[6..8].copy_from_slice(&(h.kind as u16).to_le_bytes());
+    out[8..16].copy_from_slice(&h.lsn.0.to_le_bytes());
+    out[16..24].copy_from_slice(&h.txid.0.to_le_bytes());
+    out[24..28].copy_from_slice(&h.payload_len.to_le_bytes());
+    out[28..32].copy_from_slice(&h.crc.to_le_bytes());
+    out[32..48].copy_from_slice(&h.set_id);
+    out[48..56].copy_from_slice(&h.epoch.to_le_bytes());
+    out[56..64].copy_from_slice(&h.time_ns.to_le_bytes());
 }
 
 /// Encodes a header whose crc covers the header and the payload given in pieces; the caller

@@ -32,6 +32,9 @@ pub struct Position {
 /// Called by a checkpoint before it moves the start of the log.
 pub type CheckpointHook = Box<dyn Fn() -> std::io::Result<FileId> + Send + Sync>;
 
+/// Pieces a record's payload may be given in (a write record: position, data).
+const MAX_PAYLOAD_PIECES: usize = 2;
+
 /// How long a writer waits for log space (checkpoints free it) before failing with ENOSPC.
 const FULL_WAIT_MAX: Duration = Duration::from_secs(30);
 
@@ -275,12 +278,14 @@ impl<S: Storage> Journal<S> {
         };
         let hdr = record::encode_header(header, payload);
         let pad = [0u8; record::RECORD_ALIGN];
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(payload.len() + 2);
-        parts.push(&hdr);
-        parts.extend_from_slice(payload);
-        parts.push(&pad[..record::padding_len(payload_len)]);
+        // Header, payload pieces, padding: gathered on the stack (no allocation per record).
+        assert!(payload.len() <= MAX_PAYLOAD_PIECES, "a record's payload comes in at most {MAX_PAYLOAD_PIECES} pieces");
+        let mut parts: [&[u8]; MAX_PAYLOAD_PIECES + 2] = [&[]; MAX_PAYLOAD_PIECES + 2];
+        parts[0] = &hdr;
+        parts[1..=payload.len()].copy_from_slice(payload);
+        parts[payload.len() + 1] = &pad[..record::padding_len(payload_len)];
         let seg = self.segment(st.pos.seq)?;
-        seg.write(st.pos.offset as usize, &parts);
+        seg.write(st.pos.offset as usize, &parts[..payload.len() + 2]);
         if inflight {
             let at = st.pos;
             st.inflight.insert(lsn, at);
