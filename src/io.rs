@@ -17,7 +17,7 @@ use crate::types::Handle;
 ///   which its two-slot format survives).
 pub trait Storage: Send + Sync + 'static {
     type Segment: SegmentFile;
-    /// Opens segment file `index`, creating and preallocating it (zero-filled) to `size`
+    /// Opens segment file `index`, creating it with all `size` bytes allocated (reading as zeros)
     /// bytes when `create` is set and it does not exist.
     fn open_segment(&self, index: u32, size: u64, create: bool) -> io::Result<Self::Segment>;
     /// The number of segment files that exist (`seg-00000000` … contiguous from 0).

@@ -17,8 +17,10 @@ impl FileId {
     pub const FIRST_FREE: FileId = FileId(2);
 }
 
-/// A log sequence number: the position of one record in the journal, strictly increasing,
-/// never reused (it survives segment reuse and restart).
+/// A log sequence number: the position of one record in the journal, strictly increasing and
+/// never reused within the valid log (it survives segment reuse and restart). Only the LSNs of
+/// records that recovery discarded (a torn or corrupt tail, never acknowledged) are handed out
+/// again, after recovery has zeroed those records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
 

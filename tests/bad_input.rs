@@ -25,22 +25,8 @@ struct Setup {
 fn superblock_for(backing: &Path) -> ferryfs::format::superblock::Superblock {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(backing).unwrap();
-    ferryfs::format::superblock::Superblock {
-        seq: 0,
-        clean: false,
-        set_id: [7; 16],
-        epoch: 0,
-        segment_size: SEGMENT,
-        segment_count: 4,
-        start_lsn: ferryfs::types::Lsn(1),
-        start_seq: 0,
-        start_offset: 0,
-        next_file_id: FileId::FIRST_FREE,
-        backing_dev: m.dev(),
-        backing_ino: m.ino(),
-        backing_path: backing.to_str().unwrap().as_bytes().to_vec(),
-        boot_id: [0; 16],
-    }
+    let path = backing.to_str().unwrap().as_bytes().to_vec();
+    ferryfs::format::superblock::Superblock::new([7; 16], m.dev(), m.ino(), path, [0; 16])
 }
 
 /// A crashed journal (never closed) with `files` files of 3 writes each, all fsynced; the

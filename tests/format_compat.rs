@@ -60,22 +60,7 @@ fn describe_sim(t: &SimTree) -> String {
 }
 
 fn sb() -> ferryfs::format::superblock::Superblock {
-    ferryfs::format::superblock::Superblock {
-        seq: 0,
-        clean: false,
-        set_id: *b"ferryfs-fixture!",
-        epoch: 0,
-        segment_size: 0,
-        segment_count: 0,
-        start_lsn: Lsn(1),
-        start_seq: 0,
-        start_offset: 0,
-        next_file_id: FileId::FIRST_FREE,
-        backing_dev: 0,
-        backing_ino: 0,
-        backing_path: b"fixture".to_vec(),
-        boot_id: [0xF1; 16],
-    }
+    ferryfs::format::superblock::Superblock::new(*b"ferryfs-fixture!", 0, 0, b"fixture".to_vec(), [0xF1; 16])
 }
 
 /// Writes one fixture journal (and what replaying it must produce) with the simulated tree.

@@ -14,11 +14,10 @@ use super::common::{self, parse_duration, parse_size};
 use crate::format::superblock::Superblock;
 use crate::fuse::{FerryFs, FuseOptions};
 use crate::journal::{JournalGeometry, recovery};
-use crate::limits::{SEGMENT_SIZE_DEFAULT, SEGMENT_SIZE_MIN, SEGMENTS_MIN};
+use crate::limits::{SEGMENT_SIZE_MIN, SEGMENTS_MIN};
 use crate::os::storage::DirStorage;
 use crate::os::tree::OsTree;
 use crate::passthrough::{Background, Core, CoreConfig, IdTable, KernelFlush};
-use crate::types::{FileId, Lsn};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -194,23 +193,8 @@ fn geometry(journal_size: u64, segment_size: u64) -> Result<JournalGeometry> {
 
 fn new_superblock(backing: &Path) -> Result<Superblock> {
     let m = std::fs::metadata(backing)?;
-    let set_id: [u8; 16] = rand::random();
-    Ok(Superblock {
-        seq: 0,
-        clean: false,
-        set_id,
-        epoch: 0,
-        segment_size: SEGMENT_SIZE_DEFAULT,
-        segment_count: 0,
-        start_lsn: Lsn(1),
-        start_seq: 0,
-        start_offset: 0,
-        next_file_id: FileId::FIRST_FREE,
-        backing_dev: m.dev(),
-        backing_ino: m.ino(),
-        backing_path: backing.as_os_str().as_encoded_bytes().to_vec(),
-        boot_id: common::boot_id(),
-    })
+    let path = backing.as_os_str().as_encoded_bytes().to_vec();
+    Ok(Superblock::new(rand::random(), m.dev(), m.ino(), path, common::boot_id()))
 }
 
 fn fuse_config(a: &MountArgs, backing: &Path) -> Config {

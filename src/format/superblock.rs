@@ -54,6 +54,33 @@ pub enum SuperblockError {
 }
 
 impl Superblock {
+    /// The superblock of a journal about to be created (geometry and start are set by
+    /// `Journal::create`).
+    pub fn new(
+        set_id: [u8; 16],
+        backing_dev: u64,
+        backing_ino: u64,
+        backing_path: Vec<u8>,
+        boot_id: [u8; 16],
+    ) -> Superblock {
+        Superblock {
+            seq: 0,
+            clean: false,
+            set_id,
+            epoch: 0,
+            segment_size: 0,
+            segment_count: 0,
+            start_lsn: Lsn(1),
+            start_seq: 0,
+            start_offset: 0,
+            next_file_id: FileId::FIRST_FREE,
+            backing_dev,
+            backing_ino,
+            backing_path,
+            boot_id,
+        }
+    }
+
     pub fn encode_slot(&self) -> [u8; SLOT_SIZE] {
         let mut v = Vec::with_capacity(SLOT_SIZE);
         v.extend_from_slice(&SUPERBLOCK_MAGIC);

@@ -35,8 +35,9 @@ pub type OsCore = Core<DirStorage, OsTree>;
 pub struct FuseOptions {
     /// How long the kernel may cache attributes and names.
     pub ttl: Duration,
-    /// Ask for the kernel's writeback cache (faster small writes; un-synced writes then wait
-    /// for the kernel's writeback before they reach the journal).
+    /// Ask for the kernel's writeback cache (the kernel gathers small writes; the mount's
+    /// committer syncs the mount so un-synced writes still reach the journal within the
+    /// commit interval).
     pub writeback_cache: bool,
 }
 

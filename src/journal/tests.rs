@@ -14,22 +14,7 @@ use crate::types::{FileId, Lsn};
 const GEO: JournalGeometry = JournalGeometry { segment_size: 64 << 10, segment_count: 3 };
 
 fn sb() -> Superblock {
-    Superblock {
-        seq: 0,
-        clean: false,
-        set_id: [9; 16],
-        epoch: 0,
-        segment_size: 0,
-        segment_count: 0,
-        start_lsn: Lsn(1),
-        start_seq: 0,
-        start_offset: 0,
-        next_file_id: FileId::FIRST_FREE,
-        backing_dev: 0,
-        backing_ino: 0,
-        backing_path: vec![],
-        boot_id: [0; 16],
-    }
+    Superblock::new([9; 16], 0, 0, vec![], [0; 16])
 }
 
 /// Everything after the checkpoint, as (lsn, file, offset, len) of write records.

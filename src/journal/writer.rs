@@ -92,8 +92,8 @@ impl<S: Storage> Journal<S> {
     }
 
     /// Opens a journal whose valid records end at `end` (with `next_lsn` the next LSN), as
-    /// recovery found it. Bytes after `end` are zeroed and later segments' headers cleared,
-    /// so stale records of the crashed run can never be read as continuing the new log.
+    /// recovery found it. Everything the crashed run wrote after `end` is zeroed
+    /// (`clear_after`), so none of it can ever be read as continuing the new log.
     pub fn open(storage: S, sb: Superblock, end: Position, next_lsn: Lsn) -> Result<Journal<S>, JournalError> {
         let j = Journal::assemble(storage, sb, end, next_lsn);
         j.clear_after(end)?;
@@ -297,11 +297,14 @@ impl<S: Storage> Journal<S> {
     }
 
     /// Writes the header of segment `seq` (its first record will be `first_lsn`).
+    /// The header reaches the disk before any record of the segment can: so a segment whose
+    /// durable header shows an older use (or none) holds no record of the current run, which
+    /// recovery relies on (`clear_after`). One small flush per segment.
     fn start_segment(&self, seq: u64, first_lsn: Lsn) -> Result<(), JournalError> {
         let seg = self.segment_create(seq)?;
         let h = SegmentHeader { seq, first_lsn, set_id: self.set_id, segment_size: self.geometry.segment_size };
         seg.write(0, &[&h.encode()]);
-        Ok(())
+        seg.flush(0, SEGMENT_HEADER_SIZE).map_err(io("writing a segment header"))
     }
 
     fn segment_create(&self, seq: u64) -> Result<Arc<S::Segment>, JournalError> {
@@ -412,27 +415,13 @@ impl<S: Storage> Journal<S> {
         if self.superblock().start_lsn >= bound {
             return Ok(bound);
         }
-        // The new start must be readable after a crash: its segment's header (and the log up
-        // to it) reaches the disk before the superblock points there.
-        self.sync_all_written()?;
-        self.write_superblock(|sb| {
-            sb.start_lsn = bound;
-            sb.start_seq = at.seq;
-            sb.start_offset = at.offset;
-            sb.next_file_id = next_file_id;
-        })?;
-        self.state.lock().unwrap().start_seq = at.seq;
+        self.move_start(bound, at, next_file_id)?;
         Ok(bound)
     }
 
-    /// Moves the start of the log to its current end (nothing in flight): after recovery.
-    pub fn rebase_here(&self, next_file_id: FileId) -> Result<(), JournalError> {
-        let (lsn, at) = {
-            let st = self.state.lock().unwrap();
-            assert!(st.inflight.is_empty(), "rebase with transactions in flight");
-            (st.next_lsn, st.pos)
-        };
-        let at = self.normalize(at);
+    /// Records a new start of the log. It must be readable after a crash: the log up to it
+    /// (and its segment's header) reaches the disk before the superblock points there.
+    fn move_start(&self, lsn: Lsn, at: Position, next_file_id: FileId) -> Result<(), JournalError> {
         self.sync_all_written()?;
         self.write_superblock(|sb| {
             sb.start_lsn = lsn;
@@ -442,6 +431,16 @@ impl<S: Storage> Journal<S> {
         })?;
         self.state.lock().unwrap().start_seq = at.seq;
         Ok(())
+    }
+
+    /// Moves the start of the log to its current end (nothing in flight): after recovery.
+    pub fn rebase_here(&self, next_file_id: FileId) -> Result<(), JournalError> {
+        let (lsn, at) = {
+            let st = self.state.lock().unwrap();
+            assert!(st.inflight.is_empty(), "rebase with transactions in flight");
+            (st.next_lsn, st.pos)
+        };
+        self.move_start(lsn, self.normalize(at), next_file_id)
     }
 
     /// A position at the very start of a fresh segment (offset 0) names its first record.
@@ -479,11 +478,12 @@ impl<S: Storage> Journal<S> {
     }
 
     /// Makes sure nothing written after `end` by the crashed run can ever be read as part of
-    /// the new log: zeroes the rest of the segment at `end`, and every segment outside the
-    /// live log `[start_seq, end.seq]` that is not a recognisably older use (its header has a
-    /// lower seq than the start). Recovery hands out the crashed run's LSNs again, so a stale
-    /// record with a matching LSN at a matching offset would otherwise be accepted. Durable
-    /// before any new record is appended.
+    /// the new log: zeroes the rest of the segment at `end`, and every segment whose header
+    /// says the crashed run started it after `end` (a higher seq). Recovery hands out the
+    /// crashed run's LSNs again, so a stale record with a matching LSN at a matching offset
+    /// would otherwise be accepted. A segment with no header or an older one holds no record
+    /// of that run, because `start_segment` makes the header durable before any record.
+    /// Durable before any new record is appended.
     fn clear_after(&self, end: Position) -> Result<(), JournalError> {
         let count = self.geometry.segment_count as u64;
         let on_disk = self.storage.segment_count().map_err(io("listing segments"))? as u64;
@@ -492,6 +492,7 @@ impl<S: Storage> Journal<S> {
         let from = end.offset.max(SEGMENT_HEADER_SIZE as u64) as usize;
         zero_range(seg.as_ref(), from, seg.len())?;
         let live: Vec<u64> = (start_seq..=end.seq).map(|s| s % count).collect();
+        debug_assert!(start_seq <= end.seq);
         for index in 0..on_disk.min(count) {
             if live.contains(&index) {
                 continue;
@@ -499,8 +500,7 @@ impl<S: Storage> Journal<S> {
             let s = self.segment_create(index)?;
             let mut hb = [0u8; SEGMENT_HEADER_SIZE];
             s.read(0, &mut hb);
-            let older = matches!(SegmentHeader::decode(&hb), Ok(h) if h.seq < start_seq);
-            if !older && !is_zero(s.as_ref()) {
+            if matches!(SegmentHeader::decode(&hb), Ok(h) if h.seq > end.seq) {
                 zero_range(s.as_ref(), 0, s.len())?;
             }
         }
@@ -530,20 +530,6 @@ fn zero_range<G: SegmentFile>(seg: &G, from: usize, to: usize) -> Result<(), Jou
         seg.flush(from, to - from).map_err(io("zeroing stale journal bytes"))?;
     }
     Ok(())
-}
-
-fn is_zero<G: SegmentFile>(seg: &G) -> bool {
-    let mut buf = vec![0u8; ZERO_CHUNK];
-    let mut at = 0;
-    while at < seg.len() {
-        let n = (seg.len() - at).min(ZERO_CHUNK);
-        seg.read(at, &mut buf[..n]);
-        if buf[..n].iter().any(|&b| b != 0) {
-            return false;
-        }
-        at += n;
-    }
-    true
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> JournalError + '_ {

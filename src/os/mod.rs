@@ -21,8 +21,8 @@ pub fn detach_mount(path: &std::ffi::CStr) {
 }
 
 /// Raises the open-file limit as far as allowed: to fs.nr_open when privileged, else to the
-/// hard limit. The mount holds an `O_PATH` fd for every object the kernel has looked up (until
-/// it forgets it), like virtiofsd. Returns the limit in force.
+/// hard limit. The mount keeps `O_PATH` fds for objects the kernel holds (at most
+/// `limits::NODES_CACHED_MAX`) and one fd per open file. Returns the limit in force.
 pub fn raise_fd_limit() -> u64 {
     let nr_open: u64 =
         std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);

@@ -26,7 +26,7 @@ use crate::io::NewNode;
 use crate::journal::replay::{self, IdMap};
 use crate::journal::{Journal, JournalGeometry, read_superblock, recovery};
 use crate::passthrough::{Core, CoreConfig, Errno, IdTable};
-use crate::types::{FileId, Lsn};
+use crate::types::FileId;
 
 type Listing = BTreeMap<String, (NodeKind, Vec<u8>)>;
 
@@ -58,22 +58,7 @@ pub struct SeedStats {
 }
 
 pub fn new_superblock() -> Superblock {
-    Superblock {
-        seq: 0,
-        clean: false,
-        set_id: [0x5A; 16],
-        epoch: 0,
-        segment_size: 0,
-        segment_count: 0,
-        start_lsn: Lsn(1),
-        start_seq: 0,
-        start_offset: 0,
-        next_file_id: FileId::FIRST_FREE,
-        backing_dev: 0,
-        backing_ino: 0,
-        backing_path: b"sim".to_vec(),
-        boot_id: [1; 16],
-    }
+    Superblock::new([0x5A; 16], 0, 0, b"sim".to_vec(), [1; 16])
 }
 
 const NAMES: [&[u8]; 6] = [b"a", b"b", b"c", b"d", b"e", b"f"];
