@@ -15,7 +15,7 @@ use ferryfs::os::storage::DirStorage;
 use ferryfs::os::tree::OsTree;
 use ferryfs::passthrough::{Core, CoreConfig, IdTable};
 use ferryfs::sim::tree::SimTree;
-use ferryfs::types::{FileId, Lsn};
+use ferryfs::types::FileId;
 
 const VERSION_DIR: &str = "v1";
 const CASES: [&str; 3] = ["clean", "crashed-mid-transaction", "torn-tail"];
