@@ -133,3 +133,24 @@ fn help_documents_every_subcommand() {
         assert!(text.len() > 400, "{sub} --help is thin:\n{text}");
     }
 }
+
+/// Run as root, the mount is shared (allow_other) with the kernel's permission checks;
+/// `--private` keeps every other user out.
+#[test]
+fn private_keeps_other_users_out_while_the_default_lets_them_in() {
+    if !common::is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let stat_as_nobody = |m: &Mount| {
+        let path = common::cpath(&m.mnt);
+        common::as_user(65534, 65534, || {
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            if unsafe { libc::stat(path.as_ptr(), &mut st) } == 0 { 0 } else { common::errno() }
+        })
+    };
+    let shared = Mount::start();
+    assert_eq!(stat_as_nobody(&shared), 0, "another user can use the shared mount");
+    let private = Mount::start_with(&["--private"]);
+    assert_eq!(stat_as_nobody(&private), libc::EACCES, "another user is kept out of a --private mount");
+}
