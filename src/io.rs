@@ -100,4 +100,13 @@ pub trait Tree: Send + Sync + 'static {
     fn fallocate(&self, node: &Self::Node, mode: u32, offset: u64, len: u64) -> io::Result<()>;
     /// Makes everything applied so far durable (syncfs of the backing filesystem).
     fn sync_all(&self) -> io::Result<()>;
+
+    /// The LSN of the last namespace operation applied to the tree, as the tree itself records
+    /// it (0 when it records none). Stored in the tree's own metadata, so a filesystem that
+    /// keeps its metadata changes in order across a crash (ext4, XFS) keeps the marker
+    /// consistent with the namespace it kept: replay then knows exactly which namespace
+    /// operations the tree already holds (docs/FORMAT.md, "Replay").
+    fn applied_marker(&self) -> io::Result<u64>;
+    /// Records `lsn` as the last namespace operation applied (see `applied_marker`).
+    fn set_applied_marker(&self, lsn: u64) -> io::Result<()>;
 }

@@ -52,9 +52,14 @@ fn crashed_journal(files: usize) -> Setup {
     }
     core.sync().unwrap();
     drop(core);
+    // The backing directory loses everything since the journal's start, as a machine crash
+    // that kept none of it would leave it: the files and the applied marker on its root.
     for e in std::fs::read_dir(&backing).unwrap() {
         std::fs::remove_file(e.unwrap().path()).unwrap();
     }
+    let root = std::ffi::CString::new(backing.to_str().unwrap()).unwrap();
+    // SAFETY: both strings are NUL-terminated and outlive the call.
+    unsafe { libc::removexattr(root.as_ptr(), c"trusted.ferryfs.applied".as_ptr()) };
     Setup { _tmp: tmp, backing, journal }
 }
 

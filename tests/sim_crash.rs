@@ -42,3 +42,30 @@ fn fsynced_writes_survive_any_crash_and_replay_is_idempotent() {
     );
     assert!(crashes > 0 && records > 0, "the simulation crashed nothing or replayed nothing");
 }
+
+/// The same, with machine crashes that leave the backing tree holding a random prefix of its
+/// changes since the last checkpoint (what ext4 and XFS keep), so replay starts from a tree
+/// that is already past the checkpoint — possibly past the journal's durable end too, since
+/// the backing filesystem writes back without waiting for the journal. Known to fail for a few
+/// percent of seeds (docs/FORMAT.md, "Residual risk"): run it with `--ignored`.
+#[test]
+#[ignore = "known gap: the backing filesystem can persist changes the journal has not (docs/FORMAT.md, Residual risk)"]
+fn fsynced_writes_survive_crashes_that_keep_part_of_the_backing_tree() {
+    let cfg = CrashConfig { prefix_crashes: true, ..CrashConfig::default() };
+    let base = env_u64("FERRYFS_SIM_SEED_BASE", 0);
+    let n = env_u64("FERRYFS_SIM_SEEDS", 1000);
+    let mut failed = vec![];
+    for seed in base..base + n {
+        if let Err(e) = run_seed(seed, &cfg) {
+            failed.push((seed, e));
+        }
+    }
+    if std::env::var_os("FERRYFS_SIM_LIST").is_some() {
+        for (seed, e) in &failed {
+            eprintln!("FAIL {seed}: {}", e.lines().next().unwrap_or(""));
+        }
+    }
+    if let Some((seed, e)) = failed.first() {
+        panic!("{} of {n} seeds failed; first: seed {seed}: {e}", failed.len());
+    }
+}

@@ -598,6 +598,9 @@ impl Filesystem for FerryFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if is_private_xattr(name) {
+            return reply.error(KErrno::EPERM);
+        }
         match self.core.set_xattr(FileId(ino.0), name_bytes(name), value, flags as u32) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -605,6 +608,9 @@ impl Filesystem for FerryFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if is_private_xattr(name) {
+            return reply.error(KErrno::ENODATA);
+        }
         let r = self
             .core
             .node(FileId(ino.0))
@@ -615,10 +621,13 @@ impl Filesystem for FerryFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let r = self.core.node(FileId(ino.0)).map_err(errno).and_then(|n| ostree::list_xattr(&n).map_err(io_errno));
-        xattr_reply(reply, r, size);
+        xattr_reply(reply, r.map(without_private_xattrs), size);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if is_private_xattr(name) {
+            return reply.error(KErrno::EPERM);
+        }
         match self.core.remove_xattr(FileId(ino.0), name_bytes(name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -740,6 +749,21 @@ fn in_group(req: &Request, gid: u32) -> bool {
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
         .is_some_and(|g| g.split_whitespace().any(|x| x.parse::<u32>() == Ok(gid)))
+}
+
+/// ferryfs's own xattr on the backing root (the applied marker): invisible and untouchable
+/// through the mount.
+fn is_private_xattr(name: &OsStr) -> bool {
+    name.as_bytes() == ostree::APPLIED_MARKER_XATTR
+}
+
+fn without_private_xattrs(list: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(list.len());
+    for name in list.split(|&b| b == 0).filter(|n| !n.is_empty() && *n != ostree::APPLIED_MARKER_XATTR) {
+        out.extend_from_slice(name);
+        out.push(0);
+    }
+    out
 }
 
 fn xattr_reply(reply: ReplyXattr, r: Result<Vec<u8>, KErrno>, size: u32) {

@@ -126,6 +126,8 @@ pub fn replay<S: Storage, T: Tree>(
     // In the boot that wrote the log, the backing directory's page cache survived the crash:
     // a committed namespace op is in the tree. After a reboot only the checkpoint is sure.
     let same_boot = sb.boot_id == boot_id;
+    // Namespace ops up to the tree's own marker are in the tree (see `Tree::applied_marker`).
+    let applied = tree.applied_marker().map_err(|e| JournalError::Io("reading the backing root's applied marker".into(), e))?;
     let mut redone_here = HashSet::new();
     // Pass 1: outcomes and binds of every transaction, and the log's size.
     let mut aborted = HashSet::new();
@@ -188,7 +190,8 @@ pub fn replay<S: Storage, T: Tree>(
                     if !committed.contains(&tx) {
                         rep.incomplete += 1;
                     }
-                    let in_tree = (same_boot && committed.contains(&tx)) || redone_here.contains(&tx);
+                    let in_tree =
+                        tx.0 <= applied || (same_boot && committed.contains(&tx)) || redone_here.contains(&tx);
                     let res = redo.op(tx, in_tree, &op, binds.get(&tx).map(|v| v.as_slice()).unwrap_or(&[]));
                     match res {
                         // The client never got a reply for an incomplete op: failing now is
@@ -231,6 +234,12 @@ pub fn replay<S: Storage, T: Tree>(
     })?;
     progress(total, total);
     if !dry_run {
+        // The tree now holds every namespace op of the log; LSNs past the end may be handed
+        // out again (a discarded tail), so the marker must not stay above it.
+        if end.next_lsn.0 > 1 {
+            tree.set_applied_marker(end.next_lsn.0 - 1)
+                .map_err(|e| JournalError::Io("recording the applied marker".into(), e))?;
+        }
         tree.sync_all().map_err(|e| JournalError::Io("syncing the backing directory after replay".into(), e))?;
     }
     rep.next_file_id = ids.next_file_id.0;
@@ -300,10 +309,10 @@ impl<S: Storage, T: Tree> Redo<'_, S, T> {
             return Ok(Outcome::Already);
         }
         let outcome = self.op_redo(tx, op, binds)?;
-        if namespace
-            && matches!(outcome, Outcome::Done)
-            && let Some(j) = self.journal
-        {
+        // Settled in this boot, whether redone, found in place or found superseded: a replay
+        // run again in this boot must not judge it anew against a tree this one has changed.
+        if namespace && let Some(j) = self.journal {
+            self.tree.set_applied_marker(tx.0).map_err(why)?;
             j.redone(tx, self.boot_id).map_err(|e| e.to_string())?;
         }
         Ok(outcome)

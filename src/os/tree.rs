@@ -223,6 +223,25 @@ impl Tree for OsTree {
         cvt(unsafe { libc::fallocate(file.as_raw_fd(), mode as libc::c_int, offset, len) }).map(drop)
     }
 
+    fn applied_marker(&self) -> io::Result<u64> {
+        let root = self.root()?;
+        match get_xattr(&root, APPLIED_MARKER_XATTR) {
+            Ok(v) if v.len() == 8 => Ok(u64::from_le_bytes(v.try_into().unwrap())),
+            Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "the backing root's applied marker is not 8 bytes")),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn set_applied_marker(&self, lsn: u64) -> io::Result<()> {
+        let root = self.root()?;
+        match self.set_xattr(&root, APPLIED_MARKER_XATTR, &lsn.to_le_bytes(), 0) {
+            // A filesystem without xattrs: replay falls back to judging each op by the tree.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            r => r,
+        }
+    }
+
     fn sync_all(&self) -> io::Result<()> {
         // SAFETY: syncfs on an fd we own.
         cvt(unsafe { libc::syncfs(self.mount.as_raw_fd()) }).map(drop)
@@ -320,6 +339,9 @@ pub fn statfs(node: &OsNode) -> io::Result<libc::statvfs> {
 }
 
 /// The value of extended attribute `name` of the object itself.
+/// The xattr of the backing root holding the applied-namespace marker (hidden from the mount).
+pub const APPLIED_MARKER_XATTR: &[u8] = b"trusted.ferryfs.applied";
+
 pub fn get_xattr(node: &OsNode, name: &[u8]) -> io::Result<Vec<u8>> {
     let name = CString::new(name).map_err(|_| einval())?;
     let path = proc_path(node.raw());

@@ -144,6 +144,14 @@ impl<S: Storage, T: Tree> Core<S, T> {
         Ok((id, node))
     }
 
+    /// Records in the tree that namespace op `tx` is applied (see `Tree::applied_marker`). A
+    /// failure only costs replay precision, never data: it is logged, not returned.
+    fn mark_applied(&self, tx: TxId) {
+        if let Err(e) = self.tree.set_applied_marker(tx.0) {
+            tracing::warn!("recording the applied marker: {e}");
+        }
+    }
+
     // ----- the transaction pattern -------------------------------------------------------
 
     /// Journals `op`, applies it with `apply`, then journals the outcome.
@@ -178,6 +186,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
             target: new.target.to_vec(),
         };
         let (tx, node) = self.transact(&op, || self.tree.create(&dir, name, new))?;
+        self.mark_applied(tx);
         let node = Arc::new(node);
         let handle = self.tree.handle_of(&node);
         let handle = match handle {
@@ -200,6 +209,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let _ns = self.namespace.lock().unwrap();
         let op = Op::Link { id, new_parent, new_name: new_name.to_vec() };
         let (tx, ()) = self.transact(&op, || self.tree.link(&node, &dir, new_name))?;
+        self.mark_applied(tx);
         self.journal.commit(tx)?;
         self.hold(id, node.clone());
         Ok(node)
@@ -217,6 +227,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let id = self.peek(&dir, name)?;
         let op = Op::Unlink { parent, name: name.to_vec(), id, dir: is_dir };
         let (tx, ()) = self.transact(&op, || self.tree.unlink(&dir, name, is_dir))?;
+        self.mark_applied(tx);
         self.journal.commit(tx)?;
         Ok(())
     }
@@ -234,6 +245,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let op =
             Op::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags, id, replaced };
         let (tx, ()) = self.transact(&op, || self.tree.rename(&from, name, &to, new_name, flags))?;
+        self.mark_applied(tx);
         self.journal.commit(tx)?;
         Ok(())
     }

@@ -32,6 +32,9 @@ type Listing = BTreeMap<String, (NodeKind, Vec<u8>)>;
 
 #[derive(Clone, Copy, Debug)]
 pub struct CrashConfig {
+    /// Machine crashes keep a random prefix of the backing tree's changes since its last sync
+    /// (as ext4/XFS would), instead of none of them.
+    pub prefix_crashes: bool,
     pub ops_per_cycle: usize,
     pub cycles: usize,
     pub geometry: JournalGeometry,
@@ -41,6 +44,7 @@ impl Default for CrashConfig {
     fn default() -> Self {
         // Small segments, so rollover and reuse happen within a few hundred operations.
         CrashConfig {
+            prefix_crashes: false,
             ops_per_cycle: 150,
             cycles: 3,
             geometry: JournalGeometry { segment_size: 64 << 10, segment_count: 4 },
@@ -81,6 +85,7 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
         let ops = rng.gen_range(1..=cfg.ops_per_cycle);
         for _ in 0..ops {
             step(&core, &mut rng, &mut stats);
+            tree.note_step();
             states.push(tree.listing());
             if rng.gen_ratio(1, 6) && core.sync().is_ok() {
                 synced = states.len() - 1;
@@ -108,7 +113,12 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
         let machine = rng.gen_bool(0.75);
         if machine {
             storage.crash_machine(&mut rng);
-            tree.crash_machine();
+            if cfg.prefix_crashes {
+                let keep = rng.gen_range(0..=tree.unsynced_changes());
+                tree.crash_machine_keeping(keep);
+            } else {
+                tree.crash_machine();
+            }
             stats.machine_crashes += 1;
             boot[0] = boot[0].wrapping_add(1);
         } else {
@@ -137,6 +147,14 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
         let matched = (synced..=last).rev().find(|&k| states[k] == got);
         match matched {
             None => {
+                if std::env::var_os("FERRYFS_SIM_TRACE").is_some() {
+                    for (p, v) in &got {
+                        if states[last].get(p) != Some(v) {
+                            let want = states[last].get(p).map(|(k, c)| (*k, c.len(), c.iter().take(8).copied().collect::<Vec<u8>>()));
+                            eprintln!("DIFF {p}: got {:?} {} {:?}; last state {want:?}", v.0, v.1.len(), &v.1[..v.1.len().min(8)]);
+                        }
+                    }
+                }
                 let earlier = (0..synced).rev().find(|&k| states[k] == got);
                 return Err(format!(
                     "cycle {cycle}: recovered tree is no state the primary had at or after its last fsync \

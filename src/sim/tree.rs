@@ -34,12 +34,16 @@ pub struct Inode {
 struct State {
     inodes: BTreeMap<u64, Inode>,
     next_ino: u64,
+    /// The applied-namespace marker, kept with the namespace (as an xattr of the root is).
+    marker: u64,
 }
 
 #[derive(Default)]
 struct Shared {
     current: State,
     durable: State,
+    /// The states after each change since the last `sync_all` (for prefix crashes).
+    history: Vec<State>,
 }
 
 /// Clones share one tree.
@@ -76,8 +80,36 @@ impl SimTree {
             target: vec![],
             xattrs: BTreeMap::new(),
         };
-        let st = State { inodes: BTreeMap::from([(ROOT_INO, root)]), next_ino: 2 };
-        SimTree { s: Arc::new(Mutex::new(Shared { current: st.clone(), durable: st })) }
+        let st = State { inodes: BTreeMap::from([(ROOT_INO, root)]), next_ino: 2, marker: 0 };
+        SimTree { s: Arc::new(Mutex::new(Shared { current: st.clone(), durable: st, history: vec![] })) }
+    }
+
+    /// A machine crash after which the filesystem kept a prefix of its changes since the last
+    /// `sync_all` (as a filesystem that journals in order, ext4 or XFS, does): `keep` of them.
+    pub fn crash_machine_keeping(&self, keep: usize) {
+        let mut s = self.s.lock().unwrap();
+        let next_ino = s.current.next_ino;
+        let kept = if keep == 0 { s.durable.clone() } else { s.history[(keep - 1).min(s.history.len() - 1)].clone() };
+        s.current = kept;
+        s.current.next_ino = next_ino;
+        s.durable = s.current.clone();
+        s.history.clear();
+    }
+
+    /// Records the current state as one step the filesystem may keep in a prefix crash (the
+    /// runner calls this after each operation).
+    pub fn note_step(&self) {
+        let mut s = self.s.lock().unwrap();
+        let changed = s.history.last().map_or(s.current != s.durable, |last| *last != s.current);
+        if changed {
+            let now = s.current.clone();
+            s.history.push(now);
+        }
+    }
+
+    /// Changes since the last `sync_all`.
+    pub fn unsynced_changes(&self) -> usize {
+        self.s.lock().unwrap().history.len()
     }
 
     /// Loses everything since the last `sync_all`.
@@ -88,12 +120,13 @@ impl SimTree {
         let next_ino = s.current.next_ino;
         s.current = s.durable.clone();
         s.current.next_ino = next_ino;
+        s.history.clear();
     }
 
     /// An independent copy of the current state (durable = current).
     pub fn fork(&self) -> SimTree {
         let s = self.s.lock().unwrap();
-        SimTree { s: Arc::new(Mutex::new(Shared { current: s.current.clone(), durable: s.current.clone() })) }
+        SimTree { s: Arc::new(Mutex::new(Shared { current: s.current.clone(), durable: s.current.clone(), history: vec![] })) }
     }
 
     /// `path → inode number`, for traces.
@@ -327,9 +360,19 @@ impl Tree for SimTree {
         Ok(())
     }
 
+    fn applied_marker(&self) -> io::Result<u64> {
+        Ok(self.s.lock().unwrap().current.marker)
+    }
+
+    fn set_applied_marker(&self, lsn: u64) -> io::Result<()> {
+        self.s.lock().unwrap().current.marker = lsn;
+        Ok(())
+    }
+
     fn sync_all(&self) -> io::Result<()> {
         let mut s = self.s.lock().unwrap();
         s.durable = s.current.clone();
+        s.history.clear();
         Ok(())
     }
 }
