@@ -32,6 +32,11 @@ fn superblock_for(backing: &Path) -> ferryfs::format::superblock::Superblock {
 /// A crashed journal (never closed) with `files` files of 3 writes each, all fsynced; the
 /// backing directory is then emptied, so a replay would have to recreate everything.
 fn crashed_journal(files: usize) -> Setup {
+    crashed_journal_with(files, false)
+}
+
+/// As `crashed_journal`, optionally with a checkpoint after the workload (it writes `ids`).
+fn crashed_journal_with(files: usize, checkpoint: bool) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let backing = tmp.path().join("backing");
     let journal = tmp.path().join("journal");
@@ -51,6 +56,9 @@ fn crashed_journal(files: usize) -> Setup {
         }
     }
     core.sync().unwrap();
+    if checkpoint {
+        core.checkpoint().unwrap();
+    }
     drop(core);
     // The backing directory loses everything since the journal's start, as a machine crash
     // that kept none of it would leave it: the files and the applied marker on its root.
@@ -250,4 +258,11 @@ fn a_dry_run_changes_nothing_and_a_replay_twice_equals_once() {
     let (code, text) = replay(&s, &[]);
     assert_eq!(code, 0, "{text}");
     assert_eq!(listing(&s.backing), once);
+}
+
+#[test]
+fn a_missing_id_table_after_a_checkpoint_is_refused_unchanged() {
+    let s = crashed_journal_with(3, true);
+    std::fs::remove_file(s.journal.join("ids")).unwrap();
+    assert_refused(&s, "id table file `ids` is missing");
 }
