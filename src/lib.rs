@@ -11,5 +11,6 @@ pub mod journal;
 pub mod limits;
 pub mod os;
 pub mod passthrough;
+pub mod proto;
 pub mod sim;
 pub mod types;
