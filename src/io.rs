@@ -106,7 +106,9 @@ pub trait Tree: Send + Sync + 'static {
     /// keeps its metadata changes in order across a crash (ext4, XFS) keeps the marker
     /// consistent with the namespace it kept: replay then knows exactly which namespace
     /// operations the tree already holds (docs/FORMAT.md, "Replay").
-    fn applied_marker(&self) -> io::Result<u64>;
-    /// Records `lsn` as the last namespace operation applied (see `applied_marker`).
-    fn set_applied_marker(&self, lsn: u64) -> io::Result<()>;
+    /// A marker written for another journal (another `set_id`, e.g. a backing directory
+    /// copied with its xattrs) reads as 0.
+    fn applied_marker(&self, set_id: &[u8; 16]) -> io::Result<u64>;
+    /// Records `lsn` as the last namespace operation of journal `set_id` applied.
+    fn set_applied_marker(&self, set_id: &[u8; 16], lsn: u64) -> io::Result<()>;
 }

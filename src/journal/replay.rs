@@ -127,7 +127,7 @@ pub fn replay<S: Storage, T: Tree>(
     // a committed namespace op is in the tree. After a reboot only the checkpoint is sure.
     let same_boot = sb.boot_id == boot_id;
     // Namespace ops up to the tree's own marker are in the tree (see `Tree::applied_marker`).
-    let applied = tree.applied_marker().map_err(|e| JournalError::Io("reading the backing root's applied marker".into(), e))?;
+    let applied = tree.applied_marker(&sb.set_id).map_err(|e| JournalError::Io("reading the backing root's applied marker".into(), e))?;
     let mut redone_here = HashSet::new();
     // Pass 1: outcomes and binds of every transaction, and the log's size.
     let mut aborted = HashSet::new();
@@ -158,7 +158,7 @@ pub fn replay<S: Storage, T: Tree>(
 
     // Pass 2: redo in log order.
     let mut rep = ReplayReport { from_lsn: sb.start_lsn.0, ..Default::default() };
-    let mut redo = Redo { tree, ids, dry_run, journal, boot_id };
+    let mut redo = Redo { tree, ids, dry_run, journal, boot_id, set_id: sb.set_id };
     let mut done = 0u64;
     reader::scan(storage, sb, |r| {
         if r.header.lsn.0 >= end.next_lsn.0 {
@@ -237,7 +237,7 @@ pub fn replay<S: Storage, T: Tree>(
         // The tree now holds every namespace op of the log; LSNs past the end may be handed
         // out again (a discarded tail), so the marker must not stay above it.
         if end.next_lsn.0 > 1 {
-            tree.set_applied_marker(end.next_lsn.0 - 1)
+            tree.set_applied_marker(&sb.set_id, end.next_lsn.0 - 1)
                 .map_err(|e| JournalError::Io("recording the applied marker".into(), e))?;
         }
         tree.sync_all().map_err(|e| JournalError::Io("syncing the backing directory after replay".into(), e))?;
@@ -259,6 +259,7 @@ struct Redo<'a, S: Storage, T: Tree> {
     dry_run: bool,
     journal: Option<&'a Journal<S>>,
     boot_id: [u8; 16],
+    set_id: [u8; 16],
 }
 
 type RedoResult = Result<Outcome, String>;
@@ -312,7 +313,7 @@ impl<S: Storage, T: Tree> Redo<'_, S, T> {
         // Settled in this boot, whether redone, found in place or found superseded: a replay
         // run again in this boot must not judge it anew against a tree this one has changed.
         if namespace && let Some(j) = self.journal {
-            self.tree.set_applied_marker(tx.0).map_err(why)?;
+            self.tree.set_applied_marker(&self.set_id, tx.0).map_err(why)?;
             j.redone(tx, self.boot_id).map_err(|e| e.to_string())?;
         }
         Ok(outcome)

@@ -223,19 +223,23 @@ impl Tree for OsTree {
         cvt(unsafe { libc::fallocate(file.as_raw_fd(), mode as libc::c_int, offset, len) }).map(drop)
     }
 
-    fn applied_marker(&self) -> io::Result<u64> {
+    fn applied_marker(&self, set_id: &[u8; 16]) -> io::Result<u64> {
         let root = self.root()?;
         match get_xattr(&root, APPLIED_MARKER_XATTR) {
-            Ok(v) if v.len() == 8 => Ok(u64::from_le_bytes(v.try_into().unwrap())),
-            Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "the backing root's applied marker is not 8 bytes")),
+            // set id (16 bytes), then the LSN (u64 LE).
+            Ok(v) if v.len() == 24 && v[..16] == set_id[..] => Ok(u64::from_le_bytes(v[16..].try_into().unwrap())),
+            Ok(_) => Ok(0),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(0),
             Err(e) => Err(e),
         }
     }
 
-    fn set_applied_marker(&self, lsn: u64) -> io::Result<()> {
+    fn set_applied_marker(&self, set_id: &[u8; 16], lsn: u64) -> io::Result<()> {
         let root = self.root()?;
-        match self.set_xattr(&root, APPLIED_MARKER_XATTR, &lsn.to_le_bytes(), 0) {
+        let mut value = [0u8; 24];
+        value[..16].copy_from_slice(set_id);
+        value[16..].copy_from_slice(&lsn.to_le_bytes());
+        match self.set_xattr(&root, APPLIED_MARKER_XATTR, &value, 0) {
             // A filesystem without xattrs: replay falls back to judging each op by the tree.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
             r => r,

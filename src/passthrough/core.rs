@@ -53,6 +53,8 @@ pub struct Core<S: Storage, T: Tree> {
     files: Vec<Mutex<()>>,
     root: Arc<T::Node>,
     root_handle: Handle,
+    /// The journal's replication set id, which the applied marker carries.
+    set_id: [u8; 16],
 }
 
 impl<S: Storage, T: Tree> Core<S, T> {
@@ -64,6 +66,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let ids = Arc::new(Mutex::new(ids));
         let root = Arc::new(tree.root()?);
         let root_handle = tree.handle_of(&root)?;
+        let set_id = journal.superblock().set_id;
         {
             let (tree, ids, j) = (tree.clone(), ids.clone(), Arc::downgrade(&journal));
             journal.set_checkpoint_hook(Box::new(move || {
@@ -76,7 +79,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
             }));
         }
         let files = (0..config.file_lock_stripes.max(1)).map(|_| Mutex::new(())).collect();
-        Ok(Core { journal, tree, ids, bind_lock: Mutex::new(()), namespace: Mutex::new(()), files, root, root_handle })
+        Ok(Core { journal, tree, ids, bind_lock: Mutex::new(()), namespace: Mutex::new(()), files, root, root_handle, set_id })
     }
 
     fn file_lock(&self, id: FileId) -> MutexGuard<'_, ()> {
@@ -147,7 +150,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
     /// Records in the tree that namespace op `tx` is applied (see `Tree::applied_marker`). A
     /// failure only costs replay precision, never data: it is logged, not returned.
     fn mark_applied(&self, tx: TxId) {
-        if let Err(e) = self.tree.set_applied_marker(tx.0) {
+        if let Err(e) = self.tree.set_applied_marker(&self.set_id, tx.0) {
             tracing::warn!("recording the applied marker: {e}");
         }
     }

@@ -35,7 +35,7 @@ struct State {
     inodes: BTreeMap<u64, Inode>,
     next_ino: u64,
     /// The applied-namespace marker, kept with the namespace (as an xattr of the root is).
-    marker: u64,
+    marker: ([u8; 16], u64),
 }
 
 #[derive(Default)]
@@ -80,7 +80,7 @@ impl SimTree {
             target: vec![],
             xattrs: BTreeMap::new(),
         };
-        let st = State { inodes: BTreeMap::from([(ROOT_INO, root)]), next_ino: 2, marker: 0 };
+        let st = State { inodes: BTreeMap::from([(ROOT_INO, root)]), next_ino: 2, marker: ([0; 16], 0) };
         SimTree { s: Arc::new(Mutex::new(Shared { current: st.clone(), durable: st, history: vec![] })) }
     }
 
@@ -360,12 +360,13 @@ impl Tree for SimTree {
         Ok(())
     }
 
-    fn applied_marker(&self) -> io::Result<u64> {
-        Ok(self.s.lock().unwrap().current.marker)
+    fn applied_marker(&self, set_id: &[u8; 16]) -> io::Result<u64> {
+        let m = self.s.lock().unwrap().current.marker;
+        Ok(if &m.0 == set_id { m.1 } else { 0 })
     }
 
-    fn set_applied_marker(&self, lsn: u64) -> io::Result<()> {
-        self.s.lock().unwrap().current.marker = lsn;
+    fn set_applied_marker(&self, set_id: &[u8; 16], lsn: u64) -> io::Result<()> {
+        self.s.lock().unwrap().current.marker = (*set_id, lsn);
         Ok(())
     }
 
