@@ -154,3 +154,36 @@ fn private_keeps_other_users_out_while_the_default_lets_them_in() {
     let private = Mount::start_with(&["--private"]);
     assert_eq!(stat_as_nobody(&private), libc::EACCES, "another user is kept out of a --private mount");
 }
+
+/// ferryfs keeps its applied marker as an xattr of the backing root; through the mount it
+/// can be neither seen nor touched.
+#[test]
+fn the_applied_marker_is_invisible_and_untouchable_through_the_mount() {
+    if !common::is_root() {
+        eprintln!("skipped: trusted.* xattrs need root");
+        return;
+    }
+    let m = Mount::start();
+    std::fs::create_dir(m.mnt.join("d")).unwrap(); // a namespace op: the marker is set
+    let name = c"trusted.ferryfs.applied";
+    let backing = common::cpath(&m.backing);
+    let mut buf = [0u8; 64];
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let n = unsafe { libc::getxattr(backing.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert_eq!(n, 24, "the backing root carries the marker");
+    let mnt = common::cpath(&m.mnt);
+    // SAFETY: as above.
+    let n = unsafe { libc::getxattr(mnt.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert_eq!((n, common::errno()), (-1, libc::ENODATA));
+    let mut list = [0u8; 4096];
+    // SAFETY: as above.
+    let n = unsafe { libc::listxattr(mnt.as_ptr(), list.as_mut_ptr().cast(), list.len()) };
+    assert!(n >= 0);
+    assert!(!list[..n as usize].windows(23).any(|w| w == b"trusted.ferryfs.applied"));
+    // SAFETY: as above.
+    let r = unsafe { libc::setxattr(mnt.as_ptr(), name.as_ptr(), b"x".as_ptr().cast(), 1, 0) };
+    assert_eq!((r, common::errno()), (-1, libc::EPERM));
+    // SAFETY: as above.
+    let r = unsafe { libc::removexattr(mnt.as_ptr(), name.as_ptr()) };
+    assert_eq!((r, common::errno()), (-1, libc::EPERM));
+}
