@@ -1,7 +1,7 @@
 //! ferryfs: a journaled, replicating FUSE filesystem. See README.md and docs/.
 //!
 //! Layers, from pure to wiring (a module imports only those above it in this list):
-//! `types`, `limits` → `format` → `io` → `journal` → `passthrough` → `os`, `sim` → `fuse` → `cmd`.
+//! `types`, `limits` → `format` → `io` → `journal`, `syncmap`, `proto` → `passthrough` → `os`, `sim` → `fuse` → `cmd`.
 
 pub mod cmd;
 pub mod format;
@@ -13,4 +13,5 @@ pub mod os;
 pub mod passthrough;
 pub mod proto;
 pub mod sim;
+pub mod syncmap;
 pub mod types;
