@@ -132,10 +132,19 @@ impl FerryFs {
         Ok(file_attr(id, &st))
     }
 
+    /// Replies with an entry the core has counted a kernel reference for; if the reply cannot
+    /// be made, the reference is given back (the kernel will never forget it).
     fn entry(&self, reply: ReplyEntry, r: Result<(FileId, Arc<OsNode>), Errno>) {
-        match r.map_err(errno).and_then(|(id, n)| self.attr(id, &n)) {
+        let (id, node) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(errno(e)),
+        };
+        match self.attr(id, &node) {
             Ok(a) => reply.entry(&self.opts.ttl, &a, Generation(0)),
-            Err(e) => reply.error(e),
+            Err(e) => {
+                self.core.forget(id, 1);
+                reply.error(e)
+            }
         }
     }
 
@@ -658,8 +667,17 @@ impl Filesystem for FerryFs {
             Err(e) => Err(e),
         };
         let opened = made.and_then(|(id, node)| {
-            let fd = ostree::reopen(&node, self.backing_flags(flags)).map_err(io_errno)?;
-            Ok((id, self.attr(id, &node)?, fd))
+            let fd_and_attr = ostree::reopen(&node, self.backing_flags(flags))
+                .map_err(io_errno)
+                .and_then(|fd| Ok((self.attr(id, &node)?, fd)));
+            match fd_and_attr {
+                Ok((a, fd)) => Ok((id, a, fd)),
+                Err(e) => {
+                    // The kernel gets no entry: give back the reference the core counted.
+                    self.core.forget(id, 1);
+                    Err(e)
+                }
+            }
         });
         match opened {
             Ok((id, a, fd)) => {
