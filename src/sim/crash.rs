@@ -156,13 +156,19 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
                     }
                 }
                 let earlier = (0..synced).rev().find(|&k| states[k] == got);
+                let shape = |l: &Listing| l.iter().map(|(p, (k, _))| (p.clone(), *k)).collect::<Vec<_>>();
+                let names_ok = (synced..=last).any(|k| shape(&states[k]) == shape(&got));
+                // Each file on its own equals that file in some state at or after the fsync?
+                let per_file_ok = got.iter().all(|(p, v)| (synced..=last).any(|k| states[k].get(p) == Some(v)));
                 return Err(format!(
                     "cycle {cycle}: recovered tree is no state the primary had at or after its last fsync \
-                     (op {synced} of {last}; {}); machine crash: {machine}\n  got: {}\n  want at least: {}",
+                     (op {synced} of {last}; {}; its names and kinds {} such a state, each file {}); machine crash: {machine}\n  got: {}\n  want at least: {}",
                     match earlier {
                         Some(k) => format!("it equals the state after op {k}: fsynced data was lost"),
                         None => "it equals no earlier state either: something was invented".into(),
                     },
+                    if names_ok { "match" } else { "match no" },
+                    if per_file_ok { "equals itself in one of those states" } else { "does not always equal itself in one of those states" },
                     show(&got),
                     show(&states[synced])
                 ));
