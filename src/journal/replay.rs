@@ -127,7 +127,9 @@ pub fn replay<S: Storage, T: Tree>(
     // a committed namespace op is in the tree. After a reboot only the checkpoint is sure.
     let same_boot = sb.boot_id == boot_id;
     // Namespace ops up to the tree's own marker are in the tree (see `Tree::applied_marker`).
-    let applied = tree.applied_marker(&sb.set_id).map_err(|e| JournalError::Io("reading the backing root's applied marker".into(), e))?;
+    let applied = tree
+        .applied_marker(&sb.set_id)
+        .map_err(|e| JournalError::Io("reading the backing root's applied marker".into(), e))?;
     let mut redone_here = HashSet::new();
     // Pass 1: outcomes and binds of every transaction, and the log's size.
     let mut aborted = HashSet::new();

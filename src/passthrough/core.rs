@@ -79,7 +79,17 @@ impl<S: Storage, T: Tree> Core<S, T> {
             }));
         }
         let files = (0..config.file_lock_stripes.max(1)).map(|_| Mutex::new(())).collect();
-        Ok(Core { journal, tree, ids, bind_lock: Mutex::new(()), namespace: Mutex::new(()), files, root, root_handle, set_id })
+        Ok(Core {
+            journal,
+            tree,
+            ids,
+            bind_lock: Mutex::new(()),
+            namespace: Mutex::new(()),
+            files,
+            root,
+            root_handle,
+            set_id,
+        })
     }
 
     fn file_lock(&self, id: FileId) -> MutexGuard<'_, ()> {

@@ -55,6 +55,8 @@ impl Default for CrashConfig {
 /// What one seed did, for the runner's summary.
 #[derive(Clone, Debug, Default)]
 pub struct SeedStats {
+    /// Prefix crashes whose recovered tree mixes states yet keeps the byte-level invariant.
+    pub mixed_states: u64,
     pub ops: u64,
     pub syncs: u64,
     pub machine_crashes: u64,
@@ -81,12 +83,15 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
     for cycle in 0..cfg.cycles {
         core.journal.mark_open(boot).map_err(|e| e.to_string())?;
         let mut states: Vec<Listing> = vec![tree.listing()];
+        // path → inode of the primary's tree, per state: contents follow objects across renames.
+        let mut objects: Vec<BTreeMap<String, u64>> = vec![tree.inodes().into_iter().collect()];
         let mut synced = 0usize;
         let ops = rng.gen_range(1..=cfg.ops_per_cycle);
         for _ in 0..ops {
             step(&core, &mut rng, &mut stats);
             tree.note_step();
             states.push(tree.listing());
+            objects.push(tree.inodes().into_iter().collect());
             if rng.gen_ratio(1, 6) && core.sync().is_ok() {
                 synced = states.len() - 1;
                 stats.syncs += 1;
@@ -145,13 +150,31 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
         let got = tree.listing();
         let last = states.len() - 1;
         let matched = (synced..=last).rev().find(|&k| states[k] == got);
+        // After a machine crash that kept part of the backing tree, the tree may mix bytes of
+        // un-acknowledged writes (docs/FORMAT.md, "Residual risk"); the invariant still
+        // holds if every name and every byte comes from some state at or after the fsync.
+        let relaxed_ok = matched.is_none()
+            && machine
+            && cfg.prefix_crashes
+            && byte_level_ok(&got, &states[synced..], &objects[synced..]);
+        if relaxed_ok {
+            stats.mixed_states += 1;
+        }
         match matched {
+            None if relaxed_ok => {}
             None => {
                 if std::env::var_os("FERRYFS_SIM_TRACE").is_some() {
                     for (p, v) in &got {
                         if states[last].get(p) != Some(v) {
-                            let want = states[last].get(p).map(|(k, c)| (*k, c.len(), c.iter().take(8).copied().collect::<Vec<u8>>()));
-                            eprintln!("DIFF {p}: got {:?} {} {:?}; last state {want:?}", v.0, v.1.len(), &v.1[..v.1.len().min(8)]);
+                            let want = states[last]
+                                .get(p)
+                                .map(|(k, c)| (*k, c.len(), c.iter().take(8).copied().collect::<Vec<u8>>()));
+                            eprintln!(
+                                "DIFF {p}: got {:?} {} {:?}; last state {want:?}",
+                                v.0,
+                                v.1.len(),
+                                &v.1[..v.1.len().min(8)]
+                            );
                         }
                     }
                 }
@@ -168,7 +191,11 @@ pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
                         None => "it equals no earlier state either: something was invented".into(),
                     },
                     if names_ok { "match" } else { "match no" },
-                    if per_file_ok { "equals itself in one of those states" } else { "does not always equal itself in one of those states" },
+                    if per_file_ok {
+                        "equals itself in one of those states"
+                    } else {
+                        "does not always equal itself in one of those states"
+                    },
                     show(&got),
                     show(&states[synced])
                 ));
@@ -212,6 +239,49 @@ fn check_idempotent(storage: &SimStorage, sb: &Superblock, tree: &SimTree, boot:
         ));
     }
     Ok(())
+}
+
+/// The invariant at byte level: the names and kinds equal those of some state at or
+/// after the last fsync; every byte of a file equals that byte of the same object in one of
+/// those states, or is a zero where the object was cut shorter in one of them; and no file is
+/// shorter than its object was in all of them. So every fsynced byte that nothing later
+/// overwrote or cut away is there, and no byte appears that was never written.
+fn byte_level_ok(got: &Listing, after_fsync: &[Listing], objects: &[BTreeMap<String, u64>]) -> bool {
+    let shape = |l: &Listing| l.iter().map(|(p, (k, _))| (p.clone(), *k)).collect::<Vec<_>>();
+    if !after_fsync.iter().any(|st| shape(st) == shape(got)) {
+        return false;
+    }
+    got.iter().all(|(path, (_, content))| {
+        // The objects that held this name after the fsync, and every content they had since
+        // (under any name: a rename carries the content along).
+        let inos: std::collections::BTreeSet<u64> = objects.iter().filter_map(|o| o.get(path).copied()).collect();
+        let mut versions: Vec<&Vec<u8>> = vec![];
+        for (st, obj) in after_fsync.iter().zip(objects) {
+            for (p, ino) in obj {
+                if inos.contains(ino)
+                    && let Some((_, c)) = st.get(p)
+                {
+                    versions.push(c);
+                }
+            }
+        }
+        // Shorter than every version would lose bytes nothing after the fsync removed.
+        let size_ok = versions.iter().any(|v| v.len() <= content.len());
+        // A zero may also be a hole: the file was cut below it after the fsync, then extended.
+        let cut_below = |i: usize| versions.iter().any(|v| v.len() <= i);
+        let bad_byte = content
+            .iter()
+            .enumerate()
+            .find(|(i, b)| !(versions.iter().any(|v| v.get(*i) == Some(*b)) || (**b == 0 && cut_below(*i))));
+        if std::env::var_os("FERRYFS_SIM_TRACE").is_some() && (!size_ok || bad_byte.is_some()) {
+            let sizes: std::collections::BTreeSet<usize> = versions.iter().map(|v| v.len()).collect();
+            eprintln!(
+                "BYTES {path}: size {} (sizes after fsync {sizes:?}); first foreign byte {bad_byte:?}",
+                content.len()
+            );
+        }
+        size_ok && bad_byte.is_none()
+    })
 }
 
 fn show(l: &Listing) -> String {

@@ -126,7 +126,9 @@ impl SimTree {
     /// An independent copy of the current state (durable = current).
     pub fn fork(&self) -> SimTree {
         let s = self.s.lock().unwrap();
-        SimTree { s: Arc::new(Mutex::new(Shared { current: s.current.clone(), durable: s.current.clone(), history: vec![] })) }
+        SimTree {
+            s: Arc::new(Mutex::new(Shared { current: s.current.clone(), durable: s.current.clone(), history: vec![] })),
+        }
     }
 
     /// `path → inode number`, for traces.
