@@ -22,10 +22,6 @@ pub const HANDLE_MAX: usize = 132;
 /// from its handle on each use. Bounded because a mount's open-file limit may be as low as
 /// 20,000 here, and the kernel can hold far more inodes than that.
 pub const NODES_CACHED_MAX: usize = 4096;
-/// Default interval after which un-synced writes become durable (`--commit-interval`).
-pub const COMMIT_INTERVAL_DEFAULT_MS: u64 = 5_000;
-/// Default interval between checkpoints of the backing directory.
-pub const CHECKPOINT_INTERVAL_DEFAULT_MS: u64 = 30_000;
 
 const _: () = assert!(SEGMENT_SIZE_MIN >= 16 * 4096);
 const _: () = assert!(SEGMENT_SIZE_DEFAULT as usize >= 4 * (WRITE_RECORD_DATA_MAX + 4096));

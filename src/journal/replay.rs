@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 
 use super::error::JournalError;
-use super::reader::{self, EndKind, ScanEnd};
+use super::reader::{self, ScanEnd};
 use super::writer::Journal;
 use crate::format::ids::IdSnapshot;
 use crate::format::ops::Op;
@@ -47,12 +47,6 @@ pub struct ReplayReport {
     pub already: u64,
     pub end: Option<ScanEnd>,
     pub next_file_id: u64,
-}
-
-impl ReplayReport {
-    pub fn end_is_corrupt(&self) -> bool {
-        matches!(self.end.as_ref().map(|e| &e.kind), Some(EndKind::Corrupt(_) | EndKind::Torn(_)))
-    }
 }
 
 /// The file-id → handle table as replay rebuilds it: the checkpoint's snapshot plus binds.

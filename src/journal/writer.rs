@@ -154,14 +154,6 @@ impl<S: Storage> Journal<S> {
         Lsn(self.durable.load(Ordering::Acquire))
     }
 
-    /// Bytes of log between the checkpoint and the end (what replay would read).
-    pub fn used_bytes(&self) -> u64 {
-        let st = self.state.lock().unwrap();
-        let sb = self.superblock.lock().unwrap();
-        let whole = (st.pos.seq - sb.start_seq) * self.geometry.segment_size;
-        whole + st.pos.offset - sb.start_offset.min(whole + st.pos.offset)
-    }
-
     pub fn bytes_appended(&self) -> u64 {
         self.state.lock().unwrap().bytes_appended
     }

@@ -352,9 +352,4 @@ impl<S: Storage, T: Tree> Core<S, T> {
     pub fn peek_id(&self, dir: &T::Node, name: &[u8]) -> R<FileId> {
         self.peek(dir, name)
     }
-
-    /// The handle of the object `id`, for tools and tests.
-    pub fn handle_of(&self, id: FileId) -> Option<Handle> {
-        self.ids().handle(id).cloned()
-    }
 }

@@ -131,14 +131,6 @@ impl SimStorage {
         let mut d = self.disk.lock().unwrap();
         d.fail_flush_at = Some(d.flushes + n);
     }
-
-    /// Flips one bit of the durable and current image of segment `index`.
-    pub fn flip_bit(&self, index: u32, byte: usize, bit: u8) {
-        let d = self.disk.lock().unwrap();
-        let mut seg = d.segments[&index].lock().unwrap();
-        seg.current[byte] ^= 1 << bit;
-        seg.durable[byte] ^= 1 << bit;
-    }
 }
 
 fn split(seg: &mut SegData) -> (&Vec<u8>, &mut Vec<u8>) {
