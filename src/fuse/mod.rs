@@ -208,6 +208,15 @@ impl FerryFs {
         Ok(())
     }
 
+    /// fsync and fsyncdir: every record journaled so far is durable (the backing file is not
+    /// synced: the journal covers it); concurrent callers share one flush.
+    fn reply_synced(&self, reply: ReplyEmpty) {
+        match self.core.sync() {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
     /// Flags for the backing fd. With the writeback cache the kernel reads whole pages to fill
     /// partial writes, so a write-only open must be able to read.
     fn backing_flags(&self, flags: i32) -> i32 {
@@ -483,10 +492,7 @@ impl Filesystem for FerryFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.core.sync() {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.reply_synced(reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -575,10 +581,7 @@ impl Filesystem for FerryFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.core.sync() {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.reply_synced(reply);
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {

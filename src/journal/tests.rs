@@ -229,3 +229,27 @@ fn records_discarded_at_recovery_never_come_back() {
     assert_eq!(old, 9, "only the 9 records before the damage are from the crashed run: {files:?}");
     assert_eq!(files.iter().filter(|&&f| f == 3).count() as u64, again);
 }
+
+/// A writer never waits for log space forever: when a transaction in flight holds the oldest
+/// segment, appends fail with ENOSPC after the wait, and succeed again once it ends.
+#[test]
+fn a_full_journal_fails_with_enospc_after_the_wait_and_recovers() {
+    let s = SimStorage::new();
+    let j = Journal::create(s.clone(), GEO, sb()).unwrap();
+    j.set_full_wait(std::time::Duration::from_millis(50));
+    let held = j.append_write(FileId(2), 0, b"held in flight").unwrap();
+    let data = [1u8; 8000];
+    let mut i = 0u64;
+    let err = loop {
+        match j.append_write(FileId(3), i * 8000, &data) {
+            Ok(tx) => j.done(tx),
+            Err(e) => break e,
+        }
+        i += 1;
+        assert!(i < 1000, "a 192 KiB journal took {i} records of 8 KB");
+    };
+    assert!(matches!(err, super::JournalError::Full(_)), "{err}");
+    assert_eq!(err.errno(), libc::ENOSPC);
+    j.done(held);
+    j.done(j.append_write(FileId(3), 0, &data).unwrap());
+}

@@ -36,9 +36,9 @@ pub type CheckpointHook = Box<dyn Fn() -> std::io::Result<FileId> + Send + Sync>
 const MAX_PAYLOAD_PIECES: usize = 2;
 
 /// How long a writer waits for log space (checkpoints free it) before failing with ENOSPC.
-const FULL_WAIT_MAX: Duration = Duration::from_secs(30);
+const FULL_WAIT_DEFAULT: Duration = Duration::from_secs(30);
 
-struct State {
+struct State<G> {
     next_lsn: Lsn,
     /// Where the next record goes.
     pos: Position,
@@ -50,6 +50,8 @@ struct State {
     /// The start of the log as the last superblock write recorded it.
     start_seq: u64,
     bytes_appended: u64,
+    /// The segment `pos` is in, kept at hand: no segment-table lock per record.
+    current: Option<(u64, Arc<G>)>,
 }
 
 pub struct Journal<S: Storage> {
@@ -58,7 +60,8 @@ pub struct Journal<S: Storage> {
     set_id: [u8; 16],
     epoch: u64,
     segments: Mutex<Vec<Option<Arc<S::Segment>>>>,
-    state: Mutex<State>,
+    state: Mutex<State<S::Segment>>,
+    full_wait: Mutex<Duration>,
     flush_lock: Mutex<()>,
     /// Every record with an LSN below this is durable.
     durable: AtomicU64,
@@ -111,6 +114,7 @@ impl<S: Storage> Journal<S> {
             inflight: BTreeMap::new(),
             start_seq: sb.start_seq,
             bytes_appended: 0,
+            current: None,
         };
         Journal {
             storage,
@@ -119,6 +123,7 @@ impl<S: Storage> Journal<S> {
             epoch: sb.epoch,
             segments: Mutex::new(vec![None; geometry.segment_count as usize]),
             state: Mutex::new(state),
+            full_wait: Mutex::new(FULL_WAIT_DEFAULT),
             flush_lock: Mutex::new(()),
             durable: AtomicU64::new(next_lsn.0),
             superblock: Mutex::new(sb),
@@ -221,17 +226,23 @@ impl<S: Storage> Journal<S> {
         self.state.lock().unwrap().inflight.remove(&Lsn(tx.0));
     }
 
+    /// How long a writer waits for log space before it fails with ENOSPC (default 30 s).
+    pub fn set_full_wait(&self, wait: Duration) {
+        *self.full_wait.lock().unwrap() = wait;
+    }
+
     /// Appends one record; waits (bounded) for log space when the journal is full.
     fn append(&self, kind: Kind, tx: Option<TxId>, payload: &[&[u8]], inflight: bool) -> Result<Lsn, JournalError> {
-        let deadline = Instant::now() + FULL_WAIT_MAX;
+        let wait = *self.full_wait.lock().unwrap();
+        let deadline = Instant::now() + wait;
         loop {
             match self.try_append(kind, tx, payload, inflight)? {
                 Some(lsn) => return Ok(lsn),
                 None if Instant::now() < deadline => self.make_room()?,
                 None => {
                     return Err(JournalError::Full(format!(
-                        "no free segment after {}s; a transaction stays in flight or checkpoints fail",
-                        FULL_WAIT_MAX.as_secs()
+                        "no free segment after {:?}; a transaction stays in flight or checkpoints fail",
+                        wait
                     )));
                 }
             }
@@ -276,7 +287,10 @@ impl<S: Storage> Journal<S> {
         parts[0] = &hdr;
         parts[1..=payload.len()].copy_from_slice(payload);
         parts[payload.len() + 1] = &pad[..record::padding_len(payload_len)];
-        let seg = self.segment(st.pos.seq)?;
+        if st.current.as_ref().is_none_or(|(seq, _)| *seq != st.pos.seq) {
+            st.current = Some((st.pos.seq, self.segment(st.pos.seq)?));
+        }
+        let (_, seg) = st.current.as_ref().expect("set just above");
         seg.write(st.pos.offset as usize, &parts[..payload.len() + 2]);
         if inflight {
             let at = st.pos;

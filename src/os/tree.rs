@@ -197,15 +197,7 @@ impl Tree for OsTree {
     }
 
     fn set_xattr(&self, node: &OsNode, name: &[u8], value: &[u8], flags: u32) -> io::Result<()> {
-        let name = CString::new(name).map_err(|_| einval())?;
-        let path = proc_path(node.raw());
-        // SAFETY: path and name are NUL-terminated; value points to value.len() readable bytes;
-        // all outlive the call. The magic link resolves to the object itself (a symlink node is
-        // the link: the kernel then refuses user.* with EPERM, as it should).
-        let ret = unsafe {
-            libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags as libc::c_int)
-        };
-        cvt(ret).map(drop)
+        set_xattr_fd(node.raw(), name, value, flags)
     }
 
     fn remove_xattr(&self, node: &OsNode, name: &[u8]) -> io::Result<()> {
@@ -235,11 +227,11 @@ impl Tree for OsTree {
     }
 
     fn set_applied_marker(&self, set_id: &[u8; 16], lsn: u64) -> io::Result<()> {
-        let root = self.root()?;
         let mut value = [0u8; 24];
         value[..16].copy_from_slice(set_id);
         value[16..].copy_from_slice(&lsn.to_le_bytes());
-        match self.set_xattr(&root, APPLIED_MARKER_XATTR, &value, 0) {
+        // On the held root fd itself: this runs once per namespace op, no dup.
+        match set_xattr_fd(self.root.as_raw_fd(), APPLIED_MARKER_XATTR, &value, 0) {
             // A filesystem without xattrs: replay falls back to judging each op by the tree.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
             r => r,
@@ -343,6 +335,19 @@ pub fn statfs(node: &OsNode) -> io::Result<libc::statvfs> {
 }
 
 /// The value of extended attribute `name` of the object itself.
+/// setxattr on the object an fd (O_PATH included) refers to, through its /proc magic link.
+fn set_xattr_fd(fd: RawFd, name: &[u8], value: &[u8], flags: u32) -> io::Result<()> {
+    let name = CString::new(name).map_err(|_| einval())?;
+    let path = proc_path(fd);
+    // SAFETY: path and name are NUL-terminated; value points to value.len() readable bytes;
+    // all outlive the call. The magic link resolves to the object itself (a symlink node is
+    // the link: the kernel then refuses user.* with EPERM, as it should).
+    let ret = unsafe {
+        libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags as libc::c_int)
+    };
+    cvt(ret).map(drop)
+}
+
 /// The xattr of the backing root holding the applied-namespace marker (hidden from the mount).
 pub const APPLIED_MARKER_XATTR: &[u8] = b"trusted.ferryfs.applied";
 
