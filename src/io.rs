@@ -5,7 +5,22 @@
 use std::io;
 
 use crate::format::ops::{NodeKind, SetAttr};
-use crate::types::Handle;
+use crate::types::{FileId, Handle};
+
+/// Every xattr ferryfs keeps for itself starts with this. A mount hides them from users, and a
+/// mirror target never sets or removes one on behalf of a record.
+pub const PRIVATE_XATTR_PREFIX: &[u8] = b"trusted.ferryfs.";
+
+/// The tag a mirror target puts on every object it makes: set id (16 bytes) ‖ the primary's
+/// file id (u64 LE). It tells the target which object a name holds after a crash, when its
+/// own id → handle map may be behind the tree.
+pub const TAG_XATTR: &[u8] = b"trusted.ferryfs.id";
+const TAG_LEN: usize = 24;
+
+/// True for ferryfs's own xattrs (`PRIVATE_XATTR_PREFIX`).
+pub fn is_private_xattr(name: &[u8]) -> bool {
+    name.starts_with(PRIVATE_XATTR_PREFIX)
+}
 
 /// Where a journal lives: its superblock, its segment files and its id-table snapshot.
 ///
@@ -111,4 +126,34 @@ pub trait Tree: Send + Sync + 'static {
     fn applied_marker(&self, set_id: &[u8; 16]) -> io::Result<u64>;
     /// Records `lsn` as the last namespace operation of journal `set_id` applied.
     fn set_applied_marker(&self, set_id: &[u8; 16], lsn: u64) -> io::Result<()>;
+
+    /// The names in directory `dir`, without `.` and `..`, in no particular order.
+    fn read_dir(&self, dir: &Self::Node) -> io::Result<Vec<Vec<u8>>>;
+    /// The type of the object itself (a symlink is `Symlink`, whatever it points to).
+    fn kind(&self, node: &Self::Node) -> io::Result<NodeKind>;
+    /// The value of xattr `name` of the object itself; `ENODATA` when it has none.
+    fn get_xattr(&self, node: &Self::Node, name: &[u8]) -> io::Result<Vec<u8>>;
+    /// The names of the object's xattrs (every namespace the process may see).
+    fn list_xattrs(&self, node: &Self::Node) -> io::Result<Vec<Vec<u8>>>;
+
+    /// The primary's file id this object was tagged with by replication set `set_id`
+    /// (`TAG_XATTR`); `None` when it has no tag, or one of another set.
+    fn tag(&self, node: &Self::Node, set_id: &[u8; 16]) -> io::Result<Option<FileId>> {
+        match self.get_xattr(node, TAG_XATTR) {
+            Ok(v) if v.len() == TAG_LEN && v[..16] == set_id[..] => {
+                Ok(Some(FileId(u64::from_le_bytes(v[16..].try_into().expect("8 bytes")))))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tags the object as the primary's file `id` of replication set `set_id`.
+    fn set_tag(&self, node: &Self::Node, set_id: &[u8; 16], id: FileId) -> io::Result<()> {
+        let mut value = [0u8; TAG_LEN];
+        value[..16].copy_from_slice(set_id);
+        value[16..].copy_from_slice(&id.0.to_le_bytes());
+        self.set_xattr(node, TAG_XATTR, &value, 0)
+    }
 }

@@ -24,6 +24,7 @@ enum Command {
     Replay(cmd::replay::ReplayArgs),
     Inspect(cmd::inspect::InspectArgs),
     Demo(cmd::demo::DemoArgs),
+    Status(cmd::status::StatusArgs),
 }
 
 fn main() {
@@ -40,6 +41,7 @@ fn main() {
         Command::Replay(a) => cmd::replay::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Status(a) => cmd::status::run(a),
     };
     if let Err(e) = result {
         eprintln!("ferryfs: error: {e:#}");

@@ -5,3 +5,4 @@ pub mod demo;
 pub mod inspect;
 pub mod mount;
 pub mod replay;
+pub mod status;

@@ -772,15 +772,16 @@ fn in_group(req: &Request, gid: u32) -> bool {
         .is_some_and(|g| g.split_whitespace().any(|x| x.parse::<u32>() == Ok(gid)))
 }
 
-/// ferryfs's own xattr on the backing root (the applied marker): invisible and untouchable
-/// through the mount.
+/// ferryfs's own xattrs (`trusted.ferryfs.*`: the applied marker on the backing root, a mirror
+/// target's object tags when its directory becomes a backing directory): invisible and
+/// untouchable through the mount.
 fn is_private_xattr(name: &OsStr) -> bool {
-    name.as_bytes() == ostree::APPLIED_MARKER_XATTR
+    crate::io::is_private_xattr(name.as_bytes())
 }
 
 fn without_private_xattrs(list: Vec<u8>) -> Vec<u8> {
     let mut out = Vec::with_capacity(list.len());
-    for name in list.split(|&b| b == 0).filter(|n| !n.is_empty() && *n != ostree::APPLIED_MARKER_XATTR) {
+    for name in list.split(|&b| b == 0).filter(|n| !n.is_empty() && !crate::io::is_private_xattr(n)) {
         out.extend_from_slice(name);
         out.push(0);
     }

@@ -4,6 +4,7 @@
 //! Knows nothing of FUSE or the network: it appends records, makes them durable, scans them
 //! back and frees log space once a checkpoint covers it (claims 000:3, 5, 6).
 
+mod cursor;
 mod error;
 pub mod reader;
 pub mod recovery;
@@ -14,7 +15,8 @@ mod writer;
 mod tests;
 
 pub use error::JournalError;
-pub use writer::{Journal, JournalGeometry, Position};
+pub use cursor::{CursorError, LogCursor};
+pub use writer::{Journal, JournalGeometry, Position, Retention, Settled};
 
 use crate::format::superblock::Superblock;
 use crate::io::Storage;

@@ -151,13 +151,13 @@ pub fn scan<S: Storage>(
     }
 }
 
-enum Verdict {
+pub(super) enum Verdict {
     Accept(Header),
     Corrupt(String),
     SegmentEnd(String),
 }
 
-fn read_record<G: SegmentFile>(
+pub(super) fn read_record<G: SegmentFile>(
     seg: &G,
     offset: usize,
     room: usize,

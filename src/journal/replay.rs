@@ -193,6 +193,11 @@ pub fn replay<S: Storage, T: Tree>(
                         // The client never got a reply for an incomplete op: failing now is
                         // an allowed outcome (design §1), counted as aborted.
                         Err(e) if !committed.contains(&tx) => {
+                            // Recorded, so a mirror target that receives this op skips it
+                            // too instead of succeeding where the primary did not.
+                            if let Some(j) = journal {
+                                j.abort(tx, libc::EIO).map_err(|_| ()).ok();
+                            }
                             rep.incomplete_failed.push(format!(
                                 "lsn {}: {} failed on redo: {e}",
                                 r.header.lsn.0,

@@ -32,6 +32,22 @@ pub struct Position {
 /// Called by a checkpoint before it moves the start of the log.
 pub type CheckpointHook = Box<dyn Fn() -> std::io::Result<FileId> + Send + Sync>;
 
+/// See [`Journal::settled`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settled {
+    pub settled_below: Lsn,
+    pub records_below: Lsn,
+}
+
+/// Replicas that still need records of this log (mirror targets that have not acked them).
+/// A checkpoint never frees a record at or above `floor`. When the log is full and the floor
+/// is what holds it, the journal calls `release`: whoever holds the floor gives the records up
+/// (a target falls back to its sync map, claim 000:12) rather than block writers for ever.
+pub trait Retention: Send + Sync {
+    fn floor(&self) -> Option<Lsn>;
+    fn release(&self);
+}
+
 /// Pieces a record's payload may be given in (a write record: position, data).
 const MAX_PAYLOAD_PIECES: usize = 2;
 
@@ -68,6 +84,7 @@ pub struct Journal<S: Storage> {
     superblock: Mutex<Superblock>,
     checkpoint_lock: Mutex<()>,
     checkpoint_hook: OnceLock<CheckpointHook>,
+    retention: OnceLock<Arc<dyn Retention>>,
 }
 
 impl<S: Storage> Journal<S> {
@@ -129,6 +146,7 @@ impl<S: Storage> Journal<S> {
             superblock: Mutex::new(sb),
             checkpoint_lock: Mutex::new(()),
             checkpoint_hook: OnceLock::new(),
+            retention: OnceLock::new(),
         }
     }
 
@@ -207,6 +225,17 @@ impl<S: Storage> Journal<S> {
         let r = self.append(Kind::Commit, Some(tx), &[], false);
         self.done(tx);
         r
+    }
+
+    /// Records that `tx` was applied, leaving it in flight until `done` (the caller has more
+    /// to do first that must precede shipping, such as marking sync maps).
+    pub fn append_commit(&self, tx: TxId) -> Result<Lsn, JournalError> {
+        self.append(Kind::Commit, Some(tx), &[], false)
+    }
+
+    /// Records that `tx` failed with `errno`, leaving it in flight until `done`.
+    pub fn append_abort(&self, tx: TxId, errno: i32) -> Result<Lsn, JournalError> {
+        self.append(Kind::Abort, Some(tx), &[&(errno as u32).to_le_bytes()], false)
     }
 
     /// Records that replay redid the namespace op `tx` in boot `boot_id`.
@@ -302,6 +331,88 @@ impl<S: Storage> Journal<S> {
         Ok(Some(lsn))
     }
 
+    /// Appends records that another node journaled, byte for byte (a mirror target's or a
+    /// bunker's copy of the primary's log: style.md example 2). Each must be whole, pass its
+    /// crc, carry this journal's set id and continue its LSNs; the first that does not is
+    /// refused, and nothing from it on is appended. Returns the next LSN.
+    pub fn append_raw(&self, records: &[u8]) -> Result<Lsn, JournalError> {
+        let mut at = 0;
+        while at < records.len() {
+            let rest = &records[at..];
+            let h = record::decode_header(rest, rest.len())
+                .map_err(|e| JournalError::Corrupt(format!("received record at byte {at}: {e}")))?;
+            let len = record::record_len(h.payload_len as usize);
+            let rec = rest.get(..len).ok_or_else(|| JournalError::Corrupt(format!("received record {} is cut short", h.lsn.0)))?;
+            record::verify(rec, &h).map_err(|e| JournalError::Corrupt(format!("received record {}: {e}", h.lsn.0)))?;
+            if h.set_id != self.set_id {
+                return Err(JournalError::Corrupt(format!("received record {} belongs to another replication set", h.lsn.0)));
+            }
+            let wait = *self.full_wait.lock().unwrap();
+            let deadline = Instant::now() + wait;
+            while !self.try_append_raw(rec, h.lsn)? {
+                if Instant::now() >= deadline {
+                    return Err(JournalError::Full(format!("no free segment after {wait:?} for received records")));
+                }
+                self.make_room()?;
+            }
+            at += len;
+        }
+        Ok(self.next_lsn())
+    }
+
+    fn try_append_raw(&self, rec: &[u8], lsn: Lsn) -> Result<bool, JournalError> {
+        let mut st = self.state.lock().unwrap();
+        if lsn != st.next_lsn {
+            return Err(JournalError::Corrupt(format!(
+                "received record {} out of order: the log expects {}",
+                lsn.0, st.next_lsn.0
+            )));
+        }
+        if st.pos.offset + rec.len() as u64 > self.geometry.segment_size {
+            let next = st.pos.seq + 1;
+            if next - st.start_seq >= self.geometry.segment_count as u64 {
+                return Ok(false);
+            }
+            self.start_segment(next, lsn)?;
+            st.pos = Position { seq: next, offset: SEGMENT_HEADER_SIZE as u64 };
+        }
+        if st.current.as_ref().is_none_or(|(seq, _)| *seq != st.pos.seq) {
+            st.current = Some((st.pos.seq, self.segment(st.pos.seq)?));
+        }
+        let (_, seg) = st.current.as_ref().expect("set just above");
+        seg.write(st.pos.offset as usize, &[rec]);
+        st.pos.offset += rec.len() as u64;
+        st.next_lsn = lsn.next();
+        st.bytes_appended += rec.len() as u64;
+        Ok(true)
+    }
+
+    /// Restarts an empty-of-work log at LSN `lsn` (a mirror target after a resync: records
+    /// before `lsn` will never come). Everything appended so far must be applied and synced
+    /// (the caller checkpoints first). The log continues in a fresh segment whose header
+    /// names `lsn` as its first, and the superblock's start moves there.
+    pub fn restart_at(&self, lsn: Lsn, next_file_id: FileId) -> Result<(), JournalError> {
+        let (seq, end) = {
+            let st = self.state.lock().unwrap();
+            assert!(st.inflight.is_empty(), "restart with transactions in flight");
+            (st.pos.seq, st.pos)
+        };
+        // First the start at the current end, so the fresh segment is no longer live ...
+        self.move_start(self.next_lsn(), self.normalize(end), next_file_id)?;
+        let next = seq + 1;
+        self.start_segment(next, lsn)?;
+        let at = Position { seq: next, offset: SEGMENT_HEADER_SIZE as u64 };
+        {
+            let mut st = self.state.lock().unwrap();
+            st.pos = at;
+            st.flushed = at;
+            st.next_lsn = lsn;
+        }
+        self.durable.store(lsn.0, Ordering::Release);
+        // ... then the start in it.
+        self.move_start(lsn, at, next_file_id)
+    }
+
     /// Writes the header of segment `seq` (its first record will be `first_lsn`).
     /// The header reaches the disk before any record of the segment can: so a segment whose
     /// durable header shows an older use (or none) holds no record of the current run, which
@@ -328,8 +439,29 @@ impl<S: Storage> Journal<S> {
         Ok(s)
     }
 
-    fn segment(&self, seq: u64) -> Result<Arc<S::Segment>, JournalError> {
+    pub(super) fn segment(&self, seq: u64) -> Result<Arc<S::Segment>, JournalError> {
         self.segment_create(seq)
+    }
+
+    /// The live log as the writer sees it: (start position, start LSN, end position, next LSN).
+    pub(super) fn live(&self) -> (Position, Lsn, Position, Lsn) {
+        let sb = self.superblock.lock().unwrap();
+        let st = self.state.lock().unwrap();
+        (Position { seq: sb.start_seq, offset: sb.start_offset }, sb.start_lsn, st.pos, st.next_lsn)
+    }
+
+    /// Where replication may read up to: every transaction with an id below `settled_below`
+    /// has ended, and all of their records (outcomes included) lie below `records_below`.
+    /// Records from `settled_below` on may belong to transactions still in flight.
+    pub fn settled(&self) -> Settled {
+        let st = self.state.lock().unwrap();
+        let below = st.inflight.first_key_value().map_or(st.next_lsn, |(lsn, _)| *lsn);
+        Settled { settled_below: below, records_below: st.next_lsn }
+    }
+
+    /// Lets replicas hold log space (see [`Retention`]).
+    pub fn set_retention(&self, r: Arc<dyn Retention>) {
+        let _ = self.retention.set(r);
     }
 
     /// Frees log space: runs a checkpoint, or waits a moment when the oldest in-flight
@@ -338,6 +470,17 @@ impl<S: Storage> Journal<S> {
         let before = self.superblock().start_lsn;
         self.checkpoint()?;
         if self.superblock().start_lsn == before {
+            if let Some(r) = self.retention.get()
+                && r.floor().is_some_and(|f| f <= before)
+            {
+                // A lagging replica holds the full log: it falls back (never a writer waiting
+                // for a target that may be gone for days).
+                r.release();
+                self.checkpoint()?;
+                if self.superblock().start_lsn != before {
+                    return Ok(());
+                }
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
@@ -406,13 +549,18 @@ impl<S: Storage> Journal<S> {
     /// segments before the new start become free for reuse (claim 000:6).
     pub fn checkpoint(&self) -> Result<Lsn, JournalError> {
         let _one = self.checkpoint_lock.lock().unwrap();
-        let (bound, at) = {
+        let (mut bound, mut at) = {
             let st = self.state.lock().unwrap();
             match st.inflight.first_key_value() {
                 Some((lsn, pos)) => (*lsn, *pos),
                 None => (st.next_lsn, st.pos),
             }
         };
+        if let Some(floor) = self.retention.get().and_then(|r| r.floor())
+            && floor < bound
+        {
+            (bound, at) = self.segment_holding(floor)?;
+        }
         let at = self.normalize(at);
         let next_file_id = match self.checkpoint_hook.get() {
             Some(hook) => hook().map_err(io("syncing the backing directory for a checkpoint"))?,

@@ -242,6 +242,36 @@ impl Tree for OsTree {
         // SAFETY: syncfs on an fd we own.
         cvt(unsafe { libc::syncfs(self.mount.as_raw_fd()) }).map(drop)
     }
+
+    fn read_dir(&self, dir: &OsNode) -> io::Result<Vec<Vec<u8>>> {
+        Ok(read_dir(dir)?.into_iter().map(|(name, _, _)| name).collect())
+    }
+
+    fn kind(&self, node: &OsNode) -> io::Result<NodeKind> {
+        kind_of_mode(stat(node)?.st_mode)
+    }
+
+    fn get_xattr(&self, node: &OsNode, name: &[u8]) -> io::Result<Vec<u8>> {
+        get_xattr(node, name)
+    }
+
+    fn list_xattrs(&self, node: &OsNode) -> io::Result<Vec<Vec<u8>>> {
+        Ok(list_xattr(node)?.split(|&b| b == 0).filter(|n| !n.is_empty()).map(<[u8]>::to_vec).collect())
+    }
+}
+
+/// The node kind of an `st_mode`; `EINVAL` for a type ferryfs does not know.
+fn kind_of_mode(mode: libc::mode_t) -> io::Result<NodeKind> {
+    Ok(match mode & libc::S_IFMT {
+        libc::S_IFREG => NodeKind::File,
+        libc::S_IFDIR => NodeKind::Dir,
+        libc::S_IFLNK => NodeKind::Symlink,
+        libc::S_IFIFO => NodeKind::Fifo,
+        libc::S_IFSOCK => NodeKind::Socket,
+        libc::S_IFCHR => NodeKind::CharDev,
+        libc::S_IFBLK => NodeKind::BlockDev,
+        _ => return Err(einval()),
+    })
 }
 
 // ---- helpers for the live FUSE path (reads; the Tree trait holds the mutations) ----

@@ -29,6 +29,14 @@ impl From<JournalError> for Errno {
 
 type R<T> = Result<T, Errno>;
 
+/// Where a journaled change marks the locations it touched (the sync maps of every target,
+/// claims 000:1–2). Called before the transaction ends, so before any of its records can be
+/// shipped and acked; `lsn` is at or past the transaction's last record.
+pub trait Marks: Send + Sync {
+    fn write(&self, lsn: Lsn, file: FileId, offset: u64, len: u64);
+    fn op(&self, lsn: Lsn, op: &Op);
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct CoreConfig {
     /// Stripes of per-file locks: writes to one file are journaled and applied in one order.
@@ -55,6 +63,7 @@ pub struct Core<S: Storage, T: Tree> {
     root_handle: Handle,
     /// The journal's replication set id, which the applied marker carries.
     set_id: [u8; 16],
+    marks: std::sync::OnceLock<Arc<dyn Marks>>,
 }
 
 impl<S: Storage, T: Tree> Core<S, T> {
@@ -89,7 +98,42 @@ impl<S: Storage, T: Tree> Core<S, T> {
             root,
             root_handle,
             set_id,
+            marks: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Replication: every change from now on marks `marks` before its transaction ends.
+    pub fn set_marks(&self, marks: Arc<dyn Marks>) {
+        let _ = self.marks.set(marks);
+    }
+
+    /// Ends op `tx` with a commit, marking the sync maps in between.
+    fn commit(&self, tx: TxId, op: &Op) -> R<()> {
+        let r = self.journal.append_commit(tx);
+        if let (Ok(lsn), Some(m)) = (&r, self.marks.get()) {
+            m.op(*lsn, op);
+        }
+        self.journal.done(tx);
+        r?;
+        Ok(())
+    }
+
+    /// Ends `tx` with an abort; its locations are marked too (a target that got its intent
+    /// must learn it failed, and the abort is what tells it).
+    fn abort(&self, tx: TxId, errno: Errno, mark: impl FnOnce(&dyn Marks, Lsn)) -> Errno {
+        match self.journal.append_abort(tx, errno.0) {
+            Ok(lsn) => {
+                if let Some(m) = self.marks.get() {
+                    mark(m.as_ref(), lsn);
+                }
+                self.journal.done(tx);
+                errno
+            }
+            Err(e) => {
+                self.journal.done(tx);
+                e.into()
+            }
+        }
     }
 
     fn file_lock(&self, id: FileId) -> MutexGuard<'_, ()> {
@@ -172,11 +216,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let tx = self.journal.append_op(op)?;
         match apply() {
             Ok(x) => Ok((tx, x)),
-            Err(e) => {
-                let errno = Errno::from(e);
-                self.journal.abort(tx, errno.0)?;
-                Err(errno)
-            }
+            Err(e) => Err(self.abort(tx, Errno::from(e), |m, lsn| m.op(lsn, op))),
         }
     }
 
@@ -205,13 +245,13 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let handle = match handle {
             Ok(h) => h,
             Err(e) => {
-                self.journal.commit(tx)?;
+                self.commit(tx, &op)?;
                 return Err(e.into());
             }
         };
         self.ids().insert(new_id, handle.clone());
         self.journal.append_bind(Some(tx), new_id, &handle)?;
-        self.journal.commit(tx)?;
+        self.commit(tx, &op)?;
         self.hold(new_id, node.clone());
         Ok((new_id, node))
     }
@@ -223,7 +263,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let op = Op::Link { id, new_parent, new_name: new_name.to_vec() };
         let (tx, ()) = self.transact(&op, || self.tree.link(&node, &dir, new_name))?;
         self.mark_applied(tx);
-        self.journal.commit(tx)?;
+        self.commit(tx, &op)?;
         self.hold(id, node.clone());
         Ok(node)
     }
@@ -241,7 +281,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let op = Op::Unlink { parent, name: name.to_vec(), id, dir: is_dir };
         let (tx, ()) = self.transact(&op, || self.tree.unlink(&dir, name, is_dir))?;
         self.mark_applied(tx);
-        self.journal.commit(tx)?;
+        self.commit(tx, &op)?;
         Ok(())
     }
 
@@ -259,7 +299,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
             Op::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags, id, replaced };
         let (tx, ()) = self.transact(&op, || self.tree.rename(&from, name, &to, new_name, flags))?;
         self.mark_applied(tx);
-        self.journal.commit(tx)?;
+        self.commit(tx, &op)?;
         Ok(())
     }
 
@@ -270,7 +310,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let _f = self.file_lock(id);
         let op = Op::SetAttr { id, attr: attr.clone() };
         let (tx, ()) = self.transact(&op, || self.tree.set_attr(&node, attr))?;
-        self.journal.commit(tx)?;
+        self.commit(tx, &op)?;
         Ok(node)
     }
 
@@ -279,7 +319,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let _f = self.file_lock(id);
         let op = Op::SetXattr { id, name: name.to_vec(), value: value.to_vec(), flags };
         let (tx, ()) = self.transact(&op, || self.tree.set_xattr(&node, name, value, flags))?;
-        self.journal.commit(tx)?;
+        self.commit(tx, &op)?;
         Ok(())
     }
 
@@ -288,7 +328,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let _f = self.file_lock(id);
         let op = Op::RemoveXattr { id, name: name.to_vec() };
         let (tx, ()) = self.transact(&op, || self.tree.remove_xattr(&node, name))?;
-        self.journal.commit(tx)?;
+        self.commit(tx, &op)?;
         Ok(())
     }
 
@@ -308,7 +348,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
             Some(f) => f(),
             None => self.tree.fallocate(&node, mode, offset, len),
         })?;
-        self.journal.commit(tx)?;
+        self.commit(tx, &op)?;
         Ok(())
     }
 
@@ -319,16 +359,17 @@ impl<S: Storage, T: Tree> Core<S, T> {
     pub fn write(&self, id: FileId, offset: u64, data: &[u8], apply: impl FnOnce() -> io::Result<()>) -> R<TxId> {
         let _f = self.file_lock(id);
         let tx = self.journal.append_write(id, offset, data)?;
+        let len = data.len() as u64;
+        if let Some(m) = self.marks.get() {
+            // At or past the write's last record (its chunks may interleave with others).
+            m.write(Lsn(self.journal.next_lsn().0 - 1), id, offset, len);
+        }
         match apply() {
             Ok(()) => {
                 self.journal.done(tx);
                 Ok(tx)
             }
-            Err(e) => {
-                let errno = Errno::from(e);
-                self.journal.abort(tx, errno.0)?;
-                Err(errno)
-            }
+            Err(e) => Err(self.abort(tx, Errno::from(e), |m, lsn| m.write(lsn, id, offset, len))),
         }
     }
 

@@ -148,6 +148,11 @@ impl SimTree {
         out
     }
 
+    /// A copy of one object's inode (`None` when it is gone), for checkers.
+    pub fn inode(&self, node: &SimNode) -> Option<Inode> {
+        self.s.lock().unwrap().current.inodes.get(&node.0).cloned()
+    }
+
     /// The tree as `path → (kind, content or target)`, for comparing states in checkers.
     pub fn listing(&self) -> BTreeMap<String, (NodeKind, Vec<u8>)> {
         let s = self.s.lock().unwrap();
@@ -377,5 +382,22 @@ impl Tree for SimTree {
         s.durable = s.current.clone();
         s.history.clear();
         Ok(())
+    }
+
+    fn read_dir(&self, dir: &SimNode) -> io::Result<Vec<Vec<u8>>> {
+        Ok(self.s.lock().unwrap().current.dir(dir)?.entries.keys().cloned().collect())
+    }
+
+    fn kind(&self, node: &SimNode) -> io::Result<NodeKind> {
+        Ok(self.s.lock().unwrap().current.get(node)?.kind)
+    }
+
+    fn get_xattr(&self, node: &SimNode, name: &[u8]) -> io::Result<Vec<u8>> {
+        let s = self.s.lock().unwrap();
+        s.current.get(node)?.xattrs.get(name).cloned().ok_or_else(|| err(libc::ENODATA))
+    }
+
+    fn list_xattrs(&self, node: &SimNode) -> io::Result<Vec<Vec<u8>>> {
+        Ok(self.s.lock().unwrap().current.get(node)?.xattrs.keys().cloned().collect())
     }
 }

@@ -47,7 +47,9 @@ pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest frame body. Checked on the header, before the body is waited for or buffered.
 pub const FRAME_BODY_MAX: usize = 64 << 20;
 /// Largest control frame body (the version prefix and the bincode bytes).
-pub const CONTROL_BODY_MAX: usize = 64 << 10;
+pub const CONTROL_BODY_MAX: usize = 256 << 10;
+/// A Data frame's body starts with the file id and the offset (two u64).
+pub const DATA_HEAD_LEN: usize = 16;
 
 /// Bytes of the hello that say how to read the rest: magic, version, length.
 const HELLO_PREFIX_LEN: usize = 14;
@@ -521,6 +523,7 @@ pub enum FrameKind {
     Ack = 2,
     Control = 3,
     Heartbeat = 4,
+    Data = 5,
 }
 
 impl FrameKind {
@@ -530,6 +533,7 @@ impl FrameKind {
             2 => FrameKind::Ack,
             3 => FrameKind::Control,
             4 => FrameKind::Heartbeat,
+            5 => FrameKind::Data,
             _ => return None,
         })
     }
@@ -539,6 +543,7 @@ impl FrameKind {
             FrameKind::Ack => "ack",
             FrameKind::Control => "control",
             FrameKind::Heartbeat => "heartbeat",
+            FrameKind::Data => "data",
         }
     }
 }
@@ -553,6 +558,8 @@ pub enum Frame {
     Control(ControlMsg),
     /// "Still here"; no body.
     Heartbeat,
+    /// A resync's contents: `data` is the current content of `file` at `offset` (raw bytes).
+    Data { file: u64, offset: u64, data: Vec<u8> },
 }
 
 impl Frame {
@@ -562,6 +569,7 @@ impl Frame {
             Frame::Ack(_) => FrameKind::Ack,
             Frame::Control(_) => FrameKind::Control,
             Frame::Heartbeat => FrameKind::Heartbeat,
+            Frame::Data { .. } => FrameKind::Data,
         }
     }
 }
@@ -625,6 +633,15 @@ impl FrameEncoder {
             Frame::Ack(lsn) => self.encode_plain(FrameKind::Ack, &lsn.0.to_le_bytes(), out)?,
             Frame::Control(msg) => self.encode_plain(FrameKind::Control, &control::encode(msg)?, out)?,
             Frame::Heartbeat => self.encode_plain(FrameKind::Heartbeat, &[], out)?,
+            Frame::Data { file, offset, data } => {
+                let mut head = [0u8; DATA_HEAD_LEN];
+                head[..8].copy_from_slice(&file.to_le_bytes());
+                head[8..].copy_from_slice(&offset.to_le_bytes());
+                let header = self.header(FrameKind::Data, &[&head, data])?;
+                out.extend_from_slice(&header);
+                out.extend_from_slice(&head);
+                out.extend_from_slice(data);
+            }
         }
         Ok(())
     }
@@ -804,6 +821,16 @@ fn decode_body(kind: FrameKind, body: &[u8]) -> Result<Frame, String> {
             Ok(Frame::Ack(Lsn(u64::from_le_bytes(lsn))))
         }
         FrameKind::Control => control::decode(body).map(Frame::Control).map_err(|e| e.to_string()),
+        FrameKind::Data => {
+            if body.len() < DATA_HEAD_LEN {
+                return Err(format!("body of {} bytes, a data frame needs {DATA_HEAD_LEN} before its bytes", body.len()));
+            }
+            let (file, offset) = (le_u64(body, 0), le_u64(body, 8));
+            offset
+                .checked_add((body.len() - DATA_HEAD_LEN) as u64)
+                .ok_or_else(|| format!("data at offset {offset} runs past the largest file offset"))?;
+            Ok(Frame::Data { file, offset, data: body[DATA_HEAD_LEN..].to_vec() })
+        }
         FrameKind::Heartbeat => {
             if !body.is_empty() {
                 return Err(format!("body of {} bytes, a heartbeat has none", body.len()));
@@ -850,6 +877,43 @@ pub mod control {
         HigherEpoch { epoch: u64 },
         /// The sender closes the connection on purpose; the receiver logs the reason.
         Bye { reason: String },
+        /// Primary to target: every transaction with an id below `settled_below` has ended,
+        /// and all their records lie below `records_below`; once the target holds those, it
+        /// may apply them (docs/PROTOCOL.md, "Replication").
+        Settled { settled_below: u64, records_below: u64 },
+        /// Primary to target: a resync (000:13) follows; the target stages it and, when it is
+        /// complete, applies it and continues its log at `resume_lsn`.
+        ResyncBegin { plan: u64, resume_lsn: u64, full: bool },
+        /// The names of directory `dir`, each with the object it names. A long directory comes
+        /// in several messages; the last has `last` set. Then the target's directory holds
+        /// exactly these names.
+        ResyncEntries { dir: u64, entries: Vec<(Vec<u8>, NodeDesc)>, last: bool },
+        /// An object's attributes (size, mode, owner, times, xattrs) as they are now.
+        ResyncNode { node: NodeDesc },
+        /// The resync `plan` is complete (its Data frames and messages all sent).
+        ResyncEnd { plan: u64 },
+        /// Target to primary: resync `plan` is applied and durable, the log continues at its
+        /// `resume_lsn`.
+        ResyncDone { plan: u64 },
+    }
+
+    /// An object as a resync describes it (the primary's file id; the rest as `stat` says).
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct NodeDesc {
+        pub id: u64,
+        /// `NodeKind` as u8.
+        pub kind: u8,
+        pub mode: u32,
+        pub uid: u32,
+        pub gid: u32,
+        pub rdev: u64,
+        pub size: u64,
+        pub atime: (i64, u32),
+        pub mtime: (i64, u32),
+        /// A symlink's target.
+        pub target: Vec<u8>,
+        /// Every extended attribute but ferryfs's own (`trusted.ferryfs.*`).
+        pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     }
 
     type Config = Configuration<LittleEndian, Varint, bincode::config::Limit<CONTROL_BODY_MAX>>;

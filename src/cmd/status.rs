@@ -1,0 +1,118 @@
+//! `ferryfs status`: asks the running mount of a journal how its journal and targets are doing.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::status::{self, StatusReport};
+
+/// Longer than the mount gives any one client, so a status request queued behind a stuck client
+/// still gets its answer.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds for --watch: faster only loads the mount; slower is better served by cron.
+const WATCH_SECONDS_MIN: f64 = 0.1;
+const WATCH_SECONDS_MAX: f64 = 86_400.0;
+/// How often a --watch sleep checks for Ctrl-C.
+const WATCH_POLL: Duration = Duration::from_millis(100);
+
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Show the running mount's journal usage and the replication state of each target",
+    long_about = "Asks the ferryfs mount running on a journal directory how it is doing, through the Unix \
+socket ferryfs.sock that the mount keeps in that directory (mode 0600: run as the mount's user). Prints a \
+line about the journal, then one row per replication target. Read-only, and cheap enough to run every \
+second.\n\n\
+The journal line: the journal directory; bytes used (from the last checkpoint to the end of the log, space \
+not yet reusable) of its size; the LSNs it holds; the highest LSN on stable storage (durable); and the LSN \
+of the last checkpoint.",
+    after_help = "COLUMNS:\n  \
+URL         the target's address, as given to the mount\n  \
+STATE       connected     link up, live records shipped, some not acked yet\n              \
+disconnected  no link; changes accumulate as dirty blocks\n              \
+initial-sync  first full copy of the backing directory\n              \
+resyncing     copying dirty blocks after a reconnect\n              \
+in-sync       link up, every record acked\n  \
+LAG(REC)    records written here that the target has not acked\n  \
+LAG(BYTES)  the size of those records\n  \
+LAG(S)      age in seconds of the oldest update the target has not acked\n  \
+DIRTY       blocks changed here and not yet copied to the target\n  \
+SENT        bytes sent to the target since the mount started\n  \
+ERROR       the last failure talking to the target, cut short (--json has it whole)\n\n\
+--json adds acked_lsn, bytes_resync and reconnects per target, and start_lsn, next_lsn, size_bytes and \
+used_bytes for the journal (format version 1, see the `version` field).\n\n\
+EXIT STATUS:\n  \
+0  the mount answered (with --watch: until interrupted by Ctrl-C or SIGTERM)\n  \
+1  an error: no mount is running on the journal, a stale socket, no answer within 5 s, or a reply this \
+ferryfs cannot read\n  \
+2  bad command-line arguments\n\n\
+EXAMPLES:\n  \
+ferryfs status --journal /var/lib/ferryfs/journal\n  \
+ferryfs status --journal /var/lib/ferryfs/journal --json | jq '.targets[].lag_seconds'\n  \
+ferryfs status --journal /var/lib/ferryfs/journal --watch 2"
+)]
+pub struct StatusArgs {
+    /// The journal directory of the running mount (the mount's --journal).
+    #[arg(long, value_name = "DIR")]
+    pub journal: PathBuf,
+    /// Print the full report as JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Ask again every SECONDS (0.1 to 86400) until interrupted; on a terminal, the table replaces
+    /// the previous one.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_watch_seconds)]
+    pub watch: Option<f64>,
+}
+
+fn parse_watch_seconds(s: &str) -> Result<f64, String> {
+    let seconds: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(WATCH_SECONDS_MIN..=WATCH_SECONDS_MAX).contains(&seconds) {
+        return Err(format!("{s} s is out of range: use {WATCH_SECONDS_MIN} to {WATCH_SECONDS_MAX}"));
+    }
+    Ok(seconds)
+}
+
+pub fn run(a: StatusArgs) -> Result<()> {
+    let Some(seconds) = a.watch else {
+        return show(&a, false);
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, interrupted.clone())?;
+    let every = Duration::from_secs_f64(seconds);
+    let redraw = !a.json && std::io::stdout().is_terminal();
+    while !interrupted.load(Ordering::Relaxed) {
+        let next = Instant::now() + every;
+        show(&a, redraw)?;
+        sleep_until(next, &interrupted);
+    }
+    Ok(())
+}
+
+fn show(a: &StatusArgs, redraw: bool) -> Result<()> {
+    let report: StatusReport = status::query(&a.journal, QUERY_TIMEOUT)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if redraw {
+        // Home and clear, as watch(1) does, so the table stays in place.
+        print!("\x1b[H\x1b[2J{}", status::render_table(&report));
+    } else {
+        print!("{}", status::render_table(&report));
+    }
+    Ok(())
+}
+
+/// Sleeps in short steps so Ctrl-C ends --watch promptly, with exit status 0.
+fn sleep_until(deadline: Instant, interrupted: &AtomicBool) {
+    while !interrupted.load(Ordering::Relaxed) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        thread::sleep(left.min(WATCH_POLL));
+    }
+}

@@ -1,0 +1,5 @@
+//! The network: the only module that opens sockets. `conn` is the blocking client side the
+//! primary's shipper threads use; `target` is `ferryfs target` on tokio.
+
+pub mod conn;
+pub mod target;

@@ -1,0 +1,406 @@
+//! `ferryfs target` on the network (tokio): accepts one primary at a time, runs the handshake,
+//! feeds frames to the [`TargetCore`], and acks what is durable. Disk work runs on blocking
+//! threads; a separate thread applies the log to `--dir` and checkpoints.
+//!
+//! Connection rules:
+//! - only a peer whose hello says `primary` is served; others get `Bye` and are closed;
+//! - a primary of another replication set than the one the target's log belongs to is refused;
+//! - while one primary is connected (heard from within [`PEER_SILENCE_MAX`]), a second is
+//!   refused ("two primaries at once"); a connection silent for longer is dropped in its favour;
+//! - any bad frame closes that connection with the reason in the log; nothing from it is kept.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::conn::{instance_id, nonce};
+use crate::journal::{JournalGeometry, Settled};
+use crate::os::storage::DirStorage;
+use crate::os::tree::OsTree;
+use crate::proto::wire::control::ControlMsg;
+use crate::proto::wire::{Frame, FrameDecoder, FrameEncoder, Handshake, HandshakeConfig, Key, Role};
+use crate::replica::target::{StagedItem, TargetCore};
+use crate::types::Lsn;
+
+/// A primary that sends nothing (not even a heartbeat) for this long is taken for gone.
+pub const PEER_SILENCE_MAX: Duration = Duration::from_secs(5);
+/// How often the apply thread checkpoints the target's directory and log.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+
+pub type Core = TargetCore<DirStorage, OsTree>;
+
+pub struct TargetConfig {
+    pub listen: SocketAddr,
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub key: Option<Key>,
+    pub geometry: JournalGeometry,
+}
+
+/// The shared state of a running target.
+pub struct Target {
+    config: TargetConfig,
+    core: Mutex<Option<Arc<Core>>>,
+    /// The connected primary: its connection number and when it was last heard from.
+    active: Mutex<Option<(u64, Instant)>>,
+    next_conn: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Target {
+    /// Opens the target's log if it has one (finishing an interrupted resync).
+    pub fn new(config: TargetConfig) -> anyhow::Result<Arc<Target>> {
+        let log = config.state.join("log");
+        std::fs::create_dir_all(&log)?;
+        let storage = DirStorage::new(&log);
+        let core = match storage.read_superblock_if_any()? {
+            Some(_) => {
+                let tree = OsTree::open(&config.dir)?;
+                Some(Arc::new(Core::open(storage, tree, &config.state)?))
+            }
+            None => None,
+        };
+        Ok(Arc::new(Target {
+            config,
+            core: Mutex::new(core),
+            active: Mutex::new(None),
+            next_conn: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn core(&self) -> Option<Arc<Core>> {
+        self.core.lock().unwrap().clone()
+    }
+
+    /// The core for a primary of set `set_id`, created on the first primary's arrival.
+    fn core_for(&self, set_id: [u8; 16]) -> Result<Arc<Core>, String> {
+        let mut g = self.core.lock().unwrap();
+        if let Some(c) = g.as_ref() {
+            if c.set_id() != set_id {
+                return Err(format!(
+                    "this target belongs to replication set {}, the primary's is {}: refusing it (use a new --state \
+                     and --dir to mirror another primary)",
+                    hex(&c.set_id()),
+                    hex(&set_id)
+                ));
+            }
+            return Ok(c.clone());
+        }
+        let storage = DirStorage::new(&self.config.state.join("log"));
+        let tree = OsTree::open(&self.config.dir).map_err(|e| format!("opening --dir {}: {e}", self.config.dir.display()))?;
+        let core = Core::create(storage, self.config.geometry, set_id, tree, &self.config.state).map_err(|e| e.to_string())?;
+        let core = Arc::new(core);
+        *g = Some(core.clone());
+        Ok(core)
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Serves until `stop`. Runs its own tokio runtime.
+    pub fn serve(self: &Arc<Self>) -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let applier = self.start_apply_thread();
+        let r = rt.block_on(self.clone().accept_loop());
+        self.stop();
+        let _ = applier.join();
+        r
+    }
+
+    async fn accept_loop(self: Arc<Self>) -> anyhow::Result<()> {
+        let listener = TcpListener::bind(self.config.listen).await?;
+        tracing::info!("target listening on {}", listener.local_addr()?);
+        eprintln!("ferryfs target: listening on {}", listener.local_addr()?);
+        while !self.stop.load(Ordering::Acquire) {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            };
+            let (sock, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(why) = me.serve_conn(sock, peer).await {
+                    tracing::warn!("connection from {peer} closed: {why}");
+                    eprintln!("ferryfs target: connection from {peer} closed: {why}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn serve_conn(self: Arc<Self>, mut sock: TcpStream, peer: SocketAddr) -> Result<(), String> {
+        sock.set_nodelay(true).ok();
+        let own_set = self.core().map(|c| c.set_id()).unwrap_or([0; 16]);
+        let cfg = HandshakeConfig {
+            role: Role::Target,
+            set_id: own_set,
+            epoch: 0,
+            instance_id: instance_id(),
+            nonce: nonce(),
+            key: self.config.key.clone(),
+        };
+        let (est, leftover) = tokio::time::timeout(super::conn::HANDSHAKE_TIMEOUT, handshake(&mut sock, cfg))
+            .await
+            .map_err(|_| "the handshake did not complete in time".to_string())??;
+        let mut out = Out { enc: FrameEncoder::new(), buf: Vec::new() };
+        if est.peer.role != Role::Primary {
+            out.bye(&mut sock, &format!("this is a mirror target; a {} cannot connect to it", est.peer.role.name())).await;
+            return Err(format!("refused a {} (only a primary may connect)", est.peer.role.name()));
+        }
+        let core = match self.core_for(est.peer.set_id) {
+            Ok(c) => c,
+            Err(why) => {
+                out.bye(&mut sock, &why).await;
+                return Err(why);
+            }
+        };
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Err(why) = self.claim(conn) {
+            out.bye(&mut sock, &why).await;
+            return Err(why);
+        }
+        tracing::info!("primary {peer} connected (authenticated: {})", est.authenticated);
+        eprintln!("ferryfs target: primary {peer} connected");
+        let r = self.clone().session(&mut sock, &mut out, leftover, core, conn).await;
+        let mut a = self.active.lock().unwrap();
+        if a.is_some_and(|(c, _)| c == conn) {
+            *a = None;
+        }
+        r
+    }
+
+    /// Takes the single primary slot, or says why not.
+    fn claim(&self, conn: u64) -> Result<(), String> {
+        let mut a = self.active.lock().unwrap();
+        match *a {
+            Some((_, heard)) if heard.elapsed() < PEER_SILENCE_MAX => Err(
+                "another primary is connected to this target; two primaries at once are refused".to_string(),
+            ),
+            _ => {
+                *a = Some((conn, Instant::now()));
+                Ok(())
+            }
+        }
+    }
+
+    /// True while `conn` holds the slot (a silent one may have lost it to a newer primary).
+    fn heard(&self, conn: u64) -> bool {
+        let mut a = self.active.lock().unwrap();
+        match a.as_mut() {
+            Some((c, t)) if *c == conn => {
+                *t = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        sock: &mut TcpStream,
+        out: &mut Out,
+        leftover: Vec<u8>,
+        core: Arc<Core>,
+        conn: u64,
+    ) -> Result<(), String> {
+        let p = core.position();
+        out.send(sock, &Frame::Control(ControlMsg::Status {
+            next_lsn: p.next_lsn,
+            durable_lsn: p.durable_next.saturating_sub(1),
+            applied_lsn: p.applied_next.saturating_sub(1),
+        }))
+        .await?;
+        let mut dec = FrameDecoder::new();
+        dec.push(&leftover);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut entries_dir: Option<u64> = None;
+        loop {
+            let frame = loop {
+                match dec.next_frame() {
+                    Ok(Some(f)) => break f,
+                    Ok(None) => {}
+                    Err(e) => return Err(format!("bad frame: {e}")),
+                }
+                let n = tokio::time::timeout(PEER_SILENCE_MAX, sock.read(&mut buf))
+                    .await
+                    .map_err(|_| format!("the primary was silent for {PEER_SILENCE_MAX:?}"))?
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("the primary closed the connection".into());
+                }
+                dec.push(&buf[..n]);
+            };
+            if !self.heard(conn) || self.stop.load(Ordering::Acquire) {
+                return Err("replaced by a newer primary connection, or stopping".into());
+            }
+            match frame {
+                Frame::Records(body) => {
+                    let c = core.clone();
+                    let acked = blocking(move || c.receive(&body)).await?;
+                    out.send(sock, &Frame::Ack(acked)).await?;
+                }
+                Frame::Heartbeat => out.send(sock, &Frame::Heartbeat).await?,
+                Frame::Ack(_) => return Err("a primary sent an ack".into()),
+                Frame::Data { file, offset, data } => {
+                    let c = core.clone();
+                    blocking(move || c.resync_item(&StagedItem::Data { file, offset, data })).await?;
+                }
+                Frame::Control(msg) => {
+                    if let Some(reply) = self.control(&core, msg, &mut entries_dir).await? {
+                        out.send(sock, &Frame::Control(reply)).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn control(&self, core: &Arc<Core>, msg: ControlMsg, entries_dir: &mut Option<u64>) -> Result<Option<ControlMsg>, String> {
+        let c = core.clone();
+        match msg {
+            ControlMsg::Settled { settled_below, records_below } => {
+                core.settled(Settled { settled_below: Lsn(settled_below), records_below: Lsn(records_below) });
+                Ok(None)
+            }
+            ControlMsg::ResyncBegin { plan, resume_lsn, full } => {
+                tracing::info!("resync {plan} begins (full: {full}); the log continues at {resume_lsn} after it");
+                eprintln!("ferryfs target: resync begins (full: {full})");
+                blocking(move || c.resync_begin(plan, resume_lsn)).await?;
+                Ok(None)
+            }
+            ControlMsg::ResyncEntries { dir, entries, last } => {
+                if entries_dir.is_some_and(|d| d != dir) {
+                    return Err(format!("entries of directory {dir} began before those of {} ended", entries_dir.unwrap()));
+                }
+                *entries_dir = if last { None } else { Some(dir) };
+                blocking(move || c.resync_item(&StagedItem::Entries { dir, entries, last })).await?;
+                Ok(None)
+            }
+            ControlMsg::ResyncNode { node } => {
+                blocking(move || c.resync_item(&StagedItem::Node(node))).await?;
+                Ok(None)
+            }
+            ControlMsg::ResyncEnd { plan } => {
+                blocking(move || c.resync_end(plan)).await?;
+                eprintln!("ferryfs target: resync applied");
+                Ok(Some(ControlMsg::ResyncDone { plan }))
+            }
+            ControlMsg::StatusRequest => {
+                let p = core.position();
+                Ok(Some(ControlMsg::Status {
+                    next_lsn: p.next_lsn,
+                    durable_lsn: p.durable_next.saturating_sub(1),
+                    applied_lsn: p.applied_next.saturating_sub(1),
+                }))
+            }
+            ControlMsg::Bye { reason } => Err(format!("the primary said goodbye: {reason}")),
+            other => Err(format!("unexpected control message from a primary: {other:?}")),
+        }
+    }
+
+    /// Applies settled records as they come, and checkpoints now and then.
+    fn start_apply_thread(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("target-apply".into())
+            .spawn(move || {
+                let mut last_checkpoint = Instant::now();
+                let mut failing = false;
+                while !me.stop.load(Ordering::Acquire) {
+                    let Some(core) = me.core() else {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
+                    match core.apply_available() {
+                        Ok(0) => std::thread::sleep(Duration::from_millis(2)),
+                        Ok(_) => failing = false,
+                        Err(e) => {
+                            if !failing {
+                                tracing::error!("applying to the target directory failed: {e}; retrying");
+                                eprintln!("ferryfs target: applying failed: {e}; retrying every second");
+                            }
+                            failing = true;
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                    if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                        if let Err(e) = core.checkpoint() {
+                            tracing::error!("target checkpoint failed: {e}");
+                        }
+                        last_checkpoint = Instant::now();
+                    }
+                }
+                if let Some(core) = me.core() {
+                    let _ = core.apply_available();
+                    let _ = core.checkpoint();
+                }
+            })
+            .expect("spawning the apply thread")
+    }
+}
+
+async fn blocking<R: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    f: impl FnOnce() -> Result<R, E> + Send + 'static,
+) -> Result<R, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+}
+
+async fn handshake(sock: &mut TcpStream, cfg: HandshakeConfig) -> Result<(crate::proto::wire::Established, Vec<u8>), String> {
+    let mut hs = Handshake::new(cfg);
+    let mut buf = [0u8; 4096];
+    loop {
+        let out = hs.take_outgoing();
+        if !out.is_empty() {
+            sock.write_all(&out).await.map_err(|e| e.to_string())?;
+        }
+        if let Some(e) = hs.established() {
+            return Ok((*e, Vec::new()));
+        }
+        let n = sock.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the peer closed the connection during the handshake".into());
+        }
+        let used = hs.push(&buf[..n]).map_err(|e| format!("handshake refused: {e}"))?;
+        if let Some(e) = hs.established().copied() {
+            let out = hs.take_outgoing();
+            if !out.is_empty() {
+                sock.write_all(&out).await.map_err(|e| e.to_string())?;
+            }
+            return Ok((e, buf[used..n].to_vec()));
+        }
+    }
+}
+
+struct Out {
+    enc: FrameEncoder,
+    buf: Vec<u8>,
+}
+
+impl Out {
+    async fn send(&mut self, sock: &mut TcpStream, f: &Frame) -> Result<(), String> {
+        self.buf.clear();
+        self.enc.encode(f, &mut self.buf).map_err(|e| e.to_string())?;
+        sock.write_all(&self.buf).await.map_err(|e| e.to_string())
+    }
+
+    async fn bye(&mut self, sock: &mut TcpStream, reason: &str) {
+        let _ = self.send(sock, &Frame::Control(ControlMsg::Bye { reason: reason.to_string() })).await;
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

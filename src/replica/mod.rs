@@ -1,0 +1,6 @@
+//! A mirror target's side of replication that touches its directory (design §5).
+
+pub mod apply;
+#[cfg(test)]
+mod apply_tests;
+pub mod target;

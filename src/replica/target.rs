@@ -1,0 +1,539 @@
+//! A mirror target's core: its own copy of the primary's log, the in-order apply of settled
+//! transactions to `--dir`, and staged resyncs. No network here: `net::target` drives it.
+//!
+//! ```text
+//!  Records ──append_raw + sync──> log (primary's LSNs, byte for byte) ──ack──> primary
+//!  Settled{H, E} ─> once the log holds every record below E, apply records below H in order
+//!  Resync items ──> staging file ──(complete)──> apply log, apply staging, restart log at L
+//! ```
+//!
+//! **Ack = durable in the log** (design §5). Applying is separate and idempotent (the applier
+//! identifies objects by tag), so after a crash the target re-applies from its last checkpoint
+//! and converges. The log's space is freed only below what was applied and synced: the
+//! journal's retention floor is the apply position.
+//!
+//! **Settled.** The primary's log interleaves transactions; an op's intent may precede its
+//! outcome by other records. The primary says which prefix is settled (every transaction
+//! with an id below H has ended and all its records lie below E); the target applies records
+//! below H once it holds every record below E, so it knows every abort among them.
+//!
+//! **Resync** (000:13). The items are staged in `resync-staging` and only applied once the
+//! whole resync has arrived; a crash during the apply is finished at the next start
+//! (`resync-pending` says so). Before the staged items, the target applies every record its
+//! log holds, outcome known or not: a transaction whose outcome it lacks has its locations
+//! still marked at the primary (its outcome record was never acked), so the resync sends
+//! them as they are and overrides whatever the guess did.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::apply::{Applied, Applier, ApplyError};
+use crate::format::ids::IdSnapshot;
+use crate::format::ops::Op;
+use crate::format::record::{self, HEADER_SIZE, Kind};
+use crate::format::superblock::Superblock;
+use crate::io::{Storage, Tree};
+use crate::journal::{self, Journal, JournalError, JournalGeometry, LogCursor, Retention, Settled};
+use crate::proto::wire::control::{ControlMsg, NodeDesc};
+use crate::types::{FileId, Lsn};
+
+pub const IDS_FILE: &str = "ids";
+const STAGING_FILE: &str = "resync-staging";
+const PENDING_FILE: &str = "resync-pending";
+/// Records applied per step before the lock is let go.
+const APPLY_BATCH_BYTES: usize = 4 << 20;
+
+/// Where a target stands, as it reports it to the primary (`ControlMsg::Status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetPosition {
+    /// The next LSN its log expects.
+    pub next_lsn: u64,
+    /// Every record below this is durable in its log.
+    pub durable_next: u64,
+    /// Every record below this is applied to its directory.
+    pub applied_next: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("{0}")]
+    Journal(#[from] JournalError),
+    #[error("{0}")]
+    Apply(#[from] ApplyError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("{0}")]
+    Protocol(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> TargetError {
+    let what = what.into();
+    move |source| TargetError::Io { what, source }
+}
+
+/// Counters for status and tests.
+#[derive(Debug, Default)]
+pub struct TargetCounters {
+    pub records_received: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub resync_bytes_received: AtomicU64,
+    pub records_applied: AtomicU64,
+    pub skipped: AtomicU64,
+    pub resyncs: AtomicU64,
+}
+
+struct ApplyState {
+    cursor: LogCursor,
+    /// Settled notices not yet usable (the log does not yet hold their `records_below`).
+    settled: VecDeque<Settled>,
+    /// Usable limit: every record below it may be applied.
+    limit: Lsn,
+    /// Aborted transactions at or past the cursor.
+    aborted: BTreeSet<u64>,
+}
+
+struct Staging {
+    plan: u64,
+    resume: u64,
+    out: BufWriter<File>,
+}
+
+pub struct TargetCore<S: Storage, T: Tree> {
+    journal: Arc<Journal<S>>,
+    applier: Arc<Mutex<Applier<T>>>,
+    apply: Mutex<ApplyState>,
+    applied_next: Arc<AtomicU64>,
+    staging: Mutex<Option<Staging>>,
+    state_dir: PathBuf,
+    pub counters: TargetCounters,
+}
+
+/// The log may free only what is applied (and synced by the checkpoint hook).
+struct ApplyFloor(Arc<AtomicU64>);
+
+impl Retention for ApplyFloor {
+    fn floor(&self) -> Option<Lsn> {
+        Some(Lsn(self.0.load(Ordering::Acquire)))
+    }
+    fn release(&self) {}
+}
+
+impl<S: Storage, T: Tree> TargetCore<S, T> {
+    /// Creates the log for replication set `set_id` (a target's first primary).
+    pub fn create(
+        storage: S,
+        geometry: JournalGeometry,
+        set_id: [u8; 16],
+        tree: T,
+        state_dir: &Path,
+    ) -> Result<Self, TargetError> {
+        let sb = Superblock::new(set_id, 0, 0, Vec::new(), [0; 16]);
+        let journal = Journal::create(storage, geometry, sb)?;
+        Self::assemble(journal, IdSnapshot::default(), tree, state_dir)
+    }
+
+    /// Opens an existing log: finds its end, keeps every record after the last checkpoint for
+    /// re-apply, and finishes a resync that a crash interrupted.
+    pub fn open(storage: S, tree: T, state_dir: &Path) -> Result<Self, TargetError> {
+        let sb = journal::read_superblock(&storage)?;
+        let end = journal::replay::find_end(&storage, &sb)?;
+        let ids = match storage.read_file(IDS_FILE).map_err(io_err("reading the target's id table"))? {
+            Some(b) => IdSnapshot::decode(&b)
+                .map_err(|e| TargetError::Protocol(format!("the target's id table `{IDS_FILE}` is damaged: {e}")))?,
+            None => IdSnapshot::default(),
+        };
+        let journal = Journal::open(storage, sb, end.pos, end.next_lsn)?;
+        let core = Self::assemble(journal, ids, tree, state_dir)?;
+        core.rescan_aborts()?;
+        if core.state_dir.join(PENDING_FILE).exists() {
+            tracing::warn!("a resync was received completely but not yet applied: applying it now");
+            core.apply_staged()?;
+        }
+        Ok(core)
+    }
+
+    fn assemble(journal: Journal<S>, ids: IdSnapshot, tree: T, state_dir: &Path) -> Result<Self, TargetError> {
+        let sb = journal.superblock();
+        let applier = Arc::new(Mutex::new(Applier::new(tree, sb.set_id, ids)));
+        let applied_next = Arc::new(AtomicU64::new(sb.start_lsn.0));
+        journal.set_retention(Arc::new(ApplyFloor(applied_next.clone())));
+        let a = applier.clone();
+        let storage_ids = move || -> io::Result<FileId> {
+            let a = a.lock().unwrap();
+            a.tree().sync_all()?;
+            Ok(a.snapshot().next_file_id)
+        };
+        journal.set_checkpoint_hook(Box::new(storage_ids));
+        let cursor = LogCursor {
+            pos: crate::journal::Position { seq: sb.start_seq, offset: sb.start_offset },
+            next: sb.start_lsn,
+        };
+        Ok(TargetCore {
+            journal: Arc::new(journal),
+            applier,
+            apply: Mutex::new(ApplyState {
+                cursor,
+                settled: VecDeque::new(),
+                limit: sb.start_lsn,
+                aborted: BTreeSet::new(),
+            }),
+            applied_next,
+            staging: Mutex::new(None),
+            state_dir: state_dir.to_path_buf(),
+            counters: TargetCounters::default(),
+        })
+    }
+
+    pub fn set_id(&self) -> [u8; 16] {
+        self.journal.superblock().set_id
+    }
+
+    pub fn journal(&self) -> &Journal<S> {
+        &self.journal
+    }
+
+    pub fn position(&self) -> TargetPosition {
+        TargetPosition {
+            next_lsn: self.journal.next_lsn().0,
+            durable_next: self.journal.durable_lsn().0,
+            applied_next: self.applied_next.load(Ordering::Acquire),
+        }
+    }
+
+    /// Appends a Records frame's body to the log and makes it durable; returns the LSN to ack
+    /// (every record up to it is durable here).
+    pub fn receive(&self, body: &[u8]) -> Result<Lsn, TargetError> {
+        let aborts = aborts_in(body);
+        self.journal.append_raw(body)?;
+        let next = self.journal.sync()?;
+        self.apply.lock().unwrap().aborted.extend(aborts);
+        self.counters.bytes_received.fetch_add(body.len() as u64, Ordering::Relaxed);
+        Ok(Lsn(next.0 - 1))
+    }
+
+    /// Takes a Settled notice from the primary.
+    pub fn settled(&self, s: Settled) {
+        let mut st = self.apply.lock().unwrap();
+        if st.settled.back().is_none_or(|last| *last != s) {
+            st.settled.push_back(s);
+        }
+    }
+
+    /// Applies what is settled and held; returns how many records it went past.
+    pub fn apply_available(&self) -> Result<u64, TargetError> {
+        let next = self.journal.next_lsn();
+        let mut st = self.apply.lock().unwrap();
+        while let Some(s) = st.settled.front().copied() {
+            if s.records_below > next {
+                break;
+            }
+            st.limit = st.limit.max(s.settled_below);
+            st.settled.pop_front();
+        }
+        let limit = st.limit.min(next);
+        self.apply_upto(&mut st, limit)
+    }
+
+    fn apply_upto(&self, st: &mut ApplyState, limit: Lsn) -> Result<u64, TargetError> {
+        let mut done = 0;
+        let mut buf = Vec::new();
+        while st.cursor.next < limit {
+            buf.clear();
+            let mut cur = st.cursor;
+            self.journal.read_records(&mut cur, limit, APPLY_BATCH_BYTES, &mut buf).map_err(|e| {
+                TargetError::Protocol(format!("reading the target's own log at {}: {e}", st.cursor.next))
+            })?;
+            let mut at = 0;
+            while at < buf.len() {
+                let h = record::decode_header(&buf[at..], buf.len() - at)
+                    .map_err(|e| TargetError::Protocol(format!("own log record: {e}")))?;
+                let payload = &buf[at + HEADER_SIZE..at + HEADER_SIZE + h.payload_len as usize];
+                if !st.aborted.contains(&h.txid.0) {
+                    self.apply_record(h.kind, payload)?;
+                }
+                at += record::record_len(h.payload_len as usize);
+                st.cursor.next = h.lsn.next();
+                done += 1;
+            }
+            st.cursor = cur;
+            let below = st.cursor.next.0;
+            st.aborted = st.aborted.split_off(&below.saturating_sub(1 << 20));
+            self.applied_next.store(below, Ordering::Release);
+        }
+        self.counters.records_applied.fetch_add(done, Ordering::Relaxed);
+        Ok(done)
+    }
+
+    fn apply_record(&self, kind: Kind, payload: &[u8]) -> Result<(), TargetError> {
+        let mut a = self.applier.lock().unwrap();
+        let r = match kind {
+            Kind::Write => {
+                let (file, offset, data) = record::decode_write(payload)
+                    .map_err(|e| TargetError::Protocol(format!("a write record does not decode: {e}")))?;
+                a.apply_write(file, offset, data)
+            }
+            Kind::Op => {
+                let op = Op::decode(payload)
+                    .map_err(|e| TargetError::Protocol(format!("an op record does not decode: {e}")))?;
+                a.apply_op(&op)
+            }
+            _ => return Ok(()),
+        };
+        self.note(r)
+    }
+
+    fn note(&self, r: Result<Applied, ApplyError>) -> Result<(), TargetError> {
+        match r {
+            Ok(Applied::Skipped(why)) => {
+                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("skipped: {why}");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(ApplyError::Diverged(why)) => {
+                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("the target directory disagrees with the log: {why}; going on");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Syncs the directory, persists the id map and frees the log below what is applied.
+    pub fn checkpoint(&self) -> Result<(), TargetError> {
+        let snap = self.applier.lock().unwrap().snapshot();
+        self.journal
+            .storage()
+            .write_file_atomic(IDS_FILE, &snap.encode())
+            .map_err(io_err("writing the target's id table"))?;
+        self.journal.checkpoint()?;
+        Ok(())
+    }
+
+    // ----- resync ------------------------------------------------------------------------
+
+    pub fn resync_begin(&self, plan: u64, resume: u64) -> Result<(), TargetError> {
+        let path = self.state_dir.join(STAGING_FILE);
+        let f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err(format!("creating {}", path.display())))?;
+        *self.staging.lock().unwrap() = Some(Staging { plan, resume, out: BufWriter::with_capacity(1 << 20, f) });
+        Ok(())
+    }
+
+    /// Stages one resync item (an entries or node message, or data).
+    pub fn resync_item(&self, item: &StagedItem) -> Result<(), TargetError> {
+        let mut g = self.staging.lock().unwrap();
+        let s = g.as_mut().ok_or_else(|| TargetError::Protocol("resync data without a ResyncBegin".into()))?;
+        let bytes = item.encode()?;
+        self.counters.resync_bytes_received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let mut head = [0u8; 8];
+        head[..4].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+        head[4..].copy_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+        s.out.write_all(&head).and_then(|_| s.out.write_all(&bytes)).map_err(io_err("writing the resync staging file"))
+    }
+
+    /// The resync is complete: makes the staging durable, then applies it (see module docs).
+    pub fn resync_end(&self, plan: u64) -> Result<(), TargetError> {
+        let s = self
+            .staging
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| TargetError::Protocol("ResyncEnd without a ResyncBegin".into()))?;
+        if s.plan != plan {
+            return Err(TargetError::Protocol(format!("ResyncEnd for plan {plan}, staging holds plan {}", s.plan)));
+        }
+        let f = s
+            .out
+            .into_inner()
+            .map_err(|e| TargetError::Io { what: "flushing the staging file".into(), source: e.into_error() })?;
+        f.sync_all().map_err(io_err("syncing the staging file"))?;
+        let pending = format!("{} {}\n", s.plan, s.resume);
+        write_atomic(&self.state_dir.join(PENDING_FILE), pending.as_bytes())?;
+        self.apply_staged()
+    }
+
+    fn apply_staged(&self) -> Result<(), TargetError> {
+        let text = fs::read_to_string(self.state_dir.join(PENDING_FILE)).map_err(io_err("reading resync-pending"))?;
+        let resume: u64 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| TargetError::Protocol(format!("resync-pending is damaged: {text:?}")))?;
+        {
+            // Everything the log holds first, whatever its outcome (module docs).
+            let mut st = self.apply.lock().unwrap();
+            let end = self.journal.next_lsn();
+            self.apply_upto(&mut st, end)?;
+        }
+        let path = self.state_dir.join(STAGING_FILE);
+        let mut r = BufReader::with_capacity(1 << 20, File::open(&path).map_err(io_err("opening the staging file"))?);
+        let mut head = [0u8; 8];
+        let mut parts = Vec::new();
+        loop {
+            match r.read_exact(&mut head) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(io_err("reading the staging file")(e)),
+            }
+            let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
+            let mut bytes = vec![0u8; len];
+            r.read_exact(&mut bytes).map_err(io_err("reading the staging file"))?;
+            if crc32c::crc32c(&bytes) != u32::from_le_bytes(head[4..].try_into().unwrap()) {
+                return Err(TargetError::Protocol("the resync staging file is damaged (crc)".into()));
+            }
+            let item = StagedItem::decode(&bytes)?;
+            let r = {
+                let mut a = self.applier.lock().unwrap();
+                match item {
+                    StagedItem::Entries { dir, entries, last } => {
+                        parts.extend(entries);
+                        if !last {
+                            continue;
+                        }
+                        a.apply_entries(FileId(dir), std::mem::take(&mut parts).as_slice())
+                    }
+                    StagedItem::Node(n) => a.apply_node(&n),
+                    StagedItem::Data { file, offset, data } => a.apply_write(FileId(file), offset, &data),
+                }
+            };
+            self.note(r)?;
+        }
+        self.applier.lock().unwrap().finish_resync()?;
+        let next_file_id = {
+            let a = self.applier.lock().unwrap();
+            a.tree().sync_all().map_err(io_err("syncing the target directory"))?;
+            let snap = a.snapshot();
+            self.journal
+                .storage()
+                .write_file_atomic(IDS_FILE, &snap.encode())
+                .map_err(io_err("writing the id table"))?;
+            snap.next_file_id
+        };
+        self.journal.restart_at(Lsn(resume), next_file_id)?;
+        {
+            let mut st = self.apply.lock().unwrap();
+            st.cursor = self.journal.cursor_at(Lsn(resume)).map_err(|e| TargetError::Protocol(e.to_string()))?;
+            st.limit = Lsn(resume);
+            st.settled.clear();
+            st.aborted.clear();
+            self.applied_next.store(resume, Ordering::Release);
+        }
+        fs::remove_file(self.state_dir.join(PENDING_FILE)).map_err(io_err("removing resync-pending"))?;
+        let _ = fs::remove_file(&path);
+        self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// After a restart: the aborts among the records not yet applied.
+    fn rescan_aborts(&self) -> Result<(), TargetError> {
+        let mut st = self.apply.lock().unwrap();
+        let mut cur = st.cursor;
+        let end = self.journal.next_lsn();
+        let mut buf = Vec::new();
+        while cur.next < end {
+            buf.clear();
+            self.journal
+                .read_records(&mut cur, end, APPLY_BATCH_BYTES, &mut buf)
+                .map_err(|e| TargetError::Protocol(e.to_string()))?;
+            let aborts = aborts_in(&buf);
+            st.aborted.extend(aborts);
+        }
+        Ok(())
+    }
+}
+
+/// The transaction ids that Abort records in `body` end.
+fn aborts_in(body: &[u8]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + HEADER_SIZE <= body.len() {
+        let Ok(h) = record::decode_header(&body[at..], body.len() - at) else { break };
+        if h.kind == Kind::Abort {
+            out.push(h.txid.0);
+        }
+        at += record::record_len(h.payload_len as usize);
+    }
+    out
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TargetError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(io_err(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io_err(format!("renaming {}", tmp.display())))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing the state directory"))?;
+    }
+    Ok(())
+}
+
+/// One staged resync item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StagedItem {
+    /// One part of a directory's entries; the directory is reconciled once its `last` part is in.
+    Entries {
+        dir: u64,
+        entries: Vec<(Vec<u8>, NodeDesc)>,
+        last: bool,
+    },
+    Node(NodeDesc),
+    Data {
+        file: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+}
+
+impl StagedItem {
+    fn encode(&self) -> Result<Vec<u8>, TargetError> {
+        let ctl =
+            |m: ControlMsg| crate::proto::wire::control::encode(&m).map_err(|e| TargetError::Protocol(e.to_string()));
+        Ok(match self {
+            StagedItem::Entries { dir, entries, last } => {
+                let mut v = vec![1u8];
+                v.extend(ctl(ControlMsg::ResyncEntries { dir: *dir, entries: entries.clone(), last: *last })?);
+                v
+            }
+            StagedItem::Node(n) => {
+                let mut v = vec![2u8];
+                v.extend(ctl(ControlMsg::ResyncNode { node: n.clone() })?);
+                v
+            }
+            StagedItem::Data { file, offset, data } => {
+                let mut v = Vec::with_capacity(17 + data.len());
+                v.push(3u8);
+                v.extend_from_slice(&file.to_le_bytes());
+                v.extend_from_slice(&offset.to_le_bytes());
+                v.extend_from_slice(data);
+                v
+            }
+        })
+    }
+
+    fn decode(b: &[u8]) -> Result<StagedItem, TargetError> {
+        let bad = || TargetError::Protocol("a staged resync item does not decode".into());
+        let (tag, rest) = b.split_first().ok_or_else(bad)?;
+        match tag {
+            1 | 2 => match crate::proto::wire::control::decode(rest).map_err(|_| bad())? {
+                ControlMsg::ResyncEntries { dir, entries, last } => Ok(StagedItem::Entries { dir, entries, last }),
+                ControlMsg::ResyncNode { node } => Ok(StagedItem::Node(node)),
+                _ => Err(bad()),
+            },
+            3 if rest.len() >= 16 => Ok(StagedItem::Data {
+                file: u64::from_le_bytes(rest[..8].try_into().unwrap()),
+                offset: u64::from_le_bytes(rest[8..16].try_into().unwrap()),
+                data: rest[16..].to_vec(),
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
