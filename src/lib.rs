@@ -14,6 +14,7 @@ pub mod os;
 pub mod passthrough;
 pub mod proto;
 pub mod replica;
+pub mod ship;
 pub mod sim;
 pub mod status;
 pub mod syncmap;

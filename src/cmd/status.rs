@@ -43,11 +43,12 @@ LAG(S)      age in seconds of the oldest update the target has not acked\n  \
 DIRTY       blocks changed here and not yet copied to the target\n  \
 SENT        bytes sent to the target since the mount started\n  \
 ERROR       the last failure talking to the target, cut short (--json has it whole)\n\n\
---json adds acked_lsn, bytes_resync and reconnects per target, and start_lsn, next_lsn, size_bytes and \
-used_bytes for the journal (format version 1, see the `version` field).\n\n\
+--json prints the whole report, exact byte counts and all, and adds acked_lsn, bytes_resync and reconnects \
+per target (format version 1, in the `version` field).\n\n\
 EXIT STATUS:\n  \
-0  the mount answered (with --watch: until interrupted by Ctrl-C or SIGTERM)\n  \
-1  an error: no mount is running on the journal, a stale socket, no answer within 5 s, or a reply this \
+0  the mount answered (with --watch: the first time; later failures are printed and watching goes on\n     \
+   until interrupted by Ctrl-C or SIGTERM)\n  \
+1  an error: no mount is running on the journal, a stale socket, a socket of another user, no answer within 5 s, or a reply this \
 ferryfs cannot read\n  \
 2  bad command-line arguments\n\n\
 EXAMPLES:\n  \
@@ -85,12 +86,19 @@ pub fn run(a: StatusArgs) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, interrupted.clone())?;
     let every = Duration::from_secs_f64(seconds);
     let redraw = !a.json && std::io::stdout().is_terminal();
-    while !interrupted.load(Ordering::Relaxed) {
-        let next = Instant::now() + every;
-        show(&a, redraw)?;
+    let mut next = Instant::now() + every;
+    show(&a, redraw)?; // a wrong --journal fails at once rather than print errors forever
+    loop {
         sleep_until(next, &interrupted);
+        if interrupted.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        next = Instant::now() + every;
+        if let Err(e) = show(&a, redraw) {
+            // The mount may be restarting; keep watching, as watch(1) would.
+            eprintln!("ferryfs: {e:#}");
+        }
     }
-    Ok(())
 }
 
 fn show(a: &StatusArgs, redraw: bool) -> Result<()> {

@@ -7,5 +7,5 @@ mod core;
 mod ids;
 
 pub use background::{Background, KernelFlush};
-pub use core::{Core, CoreConfig, Errno};
+pub use core::{Core, CoreConfig, Errno, Marks};
 pub use ids::IdTable;

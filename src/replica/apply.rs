@@ -306,6 +306,9 @@ impl<T: Tree> Applier<T> {
         check_id(dir, "resync directory")?;
         check_entries(dir, entries)?;
         let Some(dnode) = self.node(dir)? else { return Ok(Applied::Skipped("unknown id")) };
+        if self.kind_of(&dnode)? != NodeKind::Dir {
+            return Err(ApplyError::Diverged(format!("{dir} is not a directory here")));
+        }
         let mut changed = self.stash_extras(dir, &dnode, entries)?;
         for (name, desc) in entries {
             changed |= self.place(&dnode, dir, name, desc)?;

@@ -129,7 +129,8 @@ pub enum StatusError {
     #[error("journal directory {} does not exist; pass the --journal the mount was started with", .dir.display())]
     NoJournal { dir: PathBuf },
     #[error(
-        "no ferryfs mount is running on journal {}: no status socket at {}; start one with `ferryfs mount --journal {}`",
+        "no ferryfs mount is running on journal {}: no status socket at {}; \
+         start one with `ferryfs mount --backing DIR --journal {} MOUNTPOINT`",
         .dir.display(), .path.display(), .dir.display()
     )]
     NoSocket { dir: PathBuf, path: PathBuf },
@@ -158,6 +159,11 @@ pub enum StatusError {
     BadReply { dir: PathBuf, detail: String },
     #[error("the ferryfs mount on journal {} refused the request: {message}", .dir.display())]
     Refused { dir: PathBuf, message: String },
+    #[error(
+        "the status socket {} of journal {} belongs to another user (the mount's); run `ferryfs status` as that user",
+        .path.display(), .dir.display()
+    )]
+    PermissionDenied { dir: PathBuf, path: PathBuf },
     #[error("cannot talk to the status socket {} of journal {}: {source}", .path.display(), .dir.display())]
     Io { dir: PathBuf, path: PathBuf, source: io::Error },
 }
@@ -409,6 +415,7 @@ fn connect(dir: &Path, path: &Path) -> Result<UnixStream, StatusError> {
         ErrorKind::NotFound if !dir.is_dir() => StatusError::NoJournal { dir },
         ErrorKind::NotFound => StatusError::NoSocket { dir, path: path_buf },
         ErrorKind::ConnectionRefused => StatusError::Stale { dir, path: path_buf },
+        ErrorKind::PermissionDenied => StatusError::PermissionDenied { dir, path: path_buf },
         _ => StatusError::Io { dir, path: path_buf, source: e },
     })
 }

@@ -1,0 +1,309 @@
+//! The primary's replication hub: one [`Link`] per mirror target with its sync map, the marks
+//! every journaled change makes in all of them (000:1–2), the acks that clear them (000:4,
+//! 7–11), how much of the journal they hold (000:5–6, [`Retention`]), and their persistence
+//! (000:12).
+//!
+//! **What a map file guarantees.** `targets/<name>.map` holds the map as of `upto`: every mark
+//! of a transaction below `upto` is in it. The journal keeps every record from `upto` on (the
+//! retention floor never passes it), so after a crash of the primary the marks made since are
+//! re-derived from the journal ([`remark_from_journal`]) before recovery frees it. Maps are
+//! written at every [`Hub::persist`] (the mount calls it on a timer and when a target falls
+//! back) and at a clean shutdown.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::format::ops::Op;
+use crate::format::record::{self, Kind};
+use crate::io::Storage;
+use crate::journal::{Journal, JournalError, Retention, reader};
+use crate::passthrough::Marks;
+use crate::syncmap::{Mode, SyncMap};
+use crate::types::{FileId, Lsn};
+
+/// What the status shows for a target (the issue's words).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    Disconnected,
+    Connected,
+    InitialSync,
+    Resyncing,
+    InSync,
+}
+
+impl LinkState {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkState::Disconnected => "disconnected",
+            LinkState::Connected => "connected",
+            LinkState::InitialSync => "initial-sync",
+            LinkState::Resyncing => "resyncing",
+            LinkState::InSync => "in-sync",
+        }
+    }
+}
+
+/// One target's shared state, under the link's lock.
+pub struct LinkInner {
+    pub map: SyncMap,
+    /// The map file holds every mark of transactions below this.
+    pub persisted_upto: Lsn,
+    pub state: LinkState,
+    /// Records below this have been sent on the current connection.
+    pub sent_below: Lsn,
+    pub bytes_sent: u64,
+    pub bytes_resync: u64,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+    /// The journal overflowed while this target held it: the shipper must drop ordered
+    /// shipping and resync from the map.
+    pub released: bool,
+}
+
+pub struct Link {
+    pub url: String,
+    /// The map file's name in the journal directory.
+    pub map_file: String,
+    inner: Mutex<LinkInner>,
+    /// Woken when the journal has new records or the link must act.
+    pub wake: Condvar,
+}
+
+impl Link {
+    pub fn lock(&self) -> MutexGuard<'_, LinkInner> {
+        self.inner.lock().unwrap()
+    }
+
+    /// Every update below this is durable at the target (ordered mode), else `None`.
+    pub fn acked_below(&self) -> Option<Lsn> {
+        match self.lock().map.mode() {
+            Mode::Ordered { acked_below } => Some(acked_below),
+            _ => None,
+        }
+    }
+
+    fn floor(&self) -> Lsn {
+        let st = self.lock();
+        let mode = match st.map.mode() {
+            Mode::Ordered { acked_below } => acked_below,
+            Mode::Resyncing { resume_from, .. } => resume_from,
+            Mode::FallenBack => st.persisted_upto,
+        };
+        mode.min(st.persisted_upto)
+    }
+}
+
+pub struct Hub<S: Storage> {
+    journal: Arc<Journal<S>>,
+    pub links: Vec<Arc<Link>>,
+    persist_lock: Mutex<()>,
+    pub started: Instant,
+}
+
+/// A file name for a target's map: its url with everything but `[A-Za-z0-9.-]` as `_`.
+pub fn map_file_name(url: &str) -> String {
+    let clean: String = url.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+    format!("target-{clean}.map")
+}
+
+const MAP_FILE_MAGIC: [u8; 8] = *b"FRYTMAP1";
+
+/// The map file: magic, `upto` (u64), then the sync map's own encoding (which carries its crc).
+pub fn encode_map_file(upto: Lsn, map: &SyncMap) -> Vec<u8> {
+    let mut v = MAP_FILE_MAGIC.to_vec();
+    v.extend_from_slice(&upto.0.to_le_bytes());
+    v.extend_from_slice(&map.encode());
+    v
+}
+
+pub fn decode_map_file(b: &[u8]) -> Result<(Lsn, SyncMap), String> {
+    if b.len() < 16 || b[..8] != MAP_FILE_MAGIC {
+        return Err("not a ferryfs target map file (bad magic)".into());
+    }
+    let upto = Lsn(u64::from_le_bytes(b[8..16].try_into().unwrap()));
+    let map = SyncMap::decode(&b[16..]).map_err(|e| e.to_string())?;
+    Ok((upto, map))
+}
+
+/// Loads a target's map from the journal directory: a target never seen owes a full sync.
+pub fn load_map<S: Storage>(storage: &S, url: &str) -> Result<(Lsn, SyncMap), String> {
+    let name = map_file_name(url);
+    match storage.read_file(&name).map_err(|e| format!("reading {name}: {e}"))? {
+        Some(b) => decode_map_file(&b).map_err(|e| {
+            format!(
+                "the sync map of target {url} (`{name}` in the journal directory) is damaged: {e}. Nothing was \
+                 changed; move the file away to make ferryfs resynchronize that target in full"
+            )
+        }),
+        None => Ok((Lsn(0), SyncMap::new_needing_full_sync())),
+    }
+}
+
+/// 000:12 after a crash: marks every location the journal's records from `from` on touch, in
+/// every map, so no mark made after the last persist is lost. Run before recovery frees the log.
+pub fn remark_from_journal<S: Storage>(storage: &S, maps: &mut [(Lsn, SyncMap)]) -> Result<u64, JournalError> {
+    let sb = crate::journal::read_superblock(storage)?;
+    let mut marked = 0;
+    reader::scan(storage, &sb, |r| {
+        let lsn = r.header.lsn;
+        for (upto, map) in maps.iter_mut() {
+            if lsn >= *upto {
+                mark_record(map, lsn, r.header.kind, r.payload);
+                marked += 1;
+            }
+        }
+        true
+    })?;
+    Ok(marked)
+}
+
+fn mark_record(map: &mut SyncMap, lsn: Lsn, kind: Kind, payload: &[u8]) {
+    match kind {
+        Kind::Write => {
+            if let Ok((file, offset, data)) = record::decode_write(payload) {
+                map.mark_write(lsn, file, offset, data.len() as u64);
+            }
+        }
+        Kind::Op => {
+            if let Ok(op) = Op::decode(payload) {
+                mark_op(map, lsn, &op);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The locations an op touches (design §3): names in directories, attributes of objects, and
+/// for fallocate the blocks it zeroes or allocates.
+pub fn mark_op(map: &mut SyncMap, lsn: Lsn, op: &Op) {
+    match op {
+        Op::Create { parent, new_id, .. } => {
+            map.mark_entries(lsn, *parent);
+            map.mark_attr(lsn, *new_id);
+        }
+        Op::Link { id, new_parent, .. } => {
+            map.mark_entries(lsn, *new_parent);
+            map.mark_attr(lsn, *id);
+        }
+        Op::Unlink { parent, .. } => map.mark_entries(lsn, *parent),
+        Op::Rename { parent, new_parent, .. } => {
+            map.mark_entries(lsn, *parent);
+            map.mark_entries(lsn, *new_parent);
+        }
+        Op::SetAttr { id, .. } | Op::SetXattr { id, .. } | Op::RemoveXattr { id, .. } => map.mark_attr(lsn, *id),
+        Op::Fallocate { id, offset, len, .. } => {
+            map.mark_write(lsn, *id, *offset, *len);
+            map.mark_attr(lsn, *id);
+        }
+    }
+}
+
+impl<S: Storage> Hub<S> {
+    /// A hub over `journal` with one link per `(url, upto, map)`.
+    pub fn new(journal: Arc<Journal<S>>, maps: Vec<(String, Lsn, SyncMap)>) -> Arc<Hub<S>> {
+        let links = maps
+            .into_iter()
+            .map(|(url, upto, map)| {
+                Arc::new(Link {
+                    map_file: map_file_name(&url),
+                    url,
+                    inner: Mutex::new(LinkInner {
+                        map,
+                        persisted_upto: upto,
+                        state: LinkState::Disconnected,
+                        sent_below: Lsn(0),
+                        bytes_sent: 0,
+                        bytes_resync: 0,
+                        reconnects: 0,
+                        last_error: None,
+                        released: false,
+                    }),
+                    wake: Condvar::new(),
+                })
+            })
+            .collect();
+        Arc::new(Hub { journal, links, persist_lock: Mutex::new(()), started: Instant::now() })
+    }
+
+    pub fn journal(&self) -> &Arc<Journal<S>> {
+        &self.journal
+    }
+
+    /// Writes every map whose marks changed since it was last written (000:12).
+    pub fn persist(&self) -> Result<(), String> {
+        let _one = self.persist_lock.lock().unwrap();
+        for link in &self.links {
+            self.persist_link(link)?;
+        }
+        Ok(())
+    }
+
+    pub fn persist_link(&self, link: &Link) -> Result<(), String> {
+        let (upto, bytes) = {
+            let st = link.lock();
+            // Every transaction below `upto` has ended, so its marks are in the map now.
+            let upto = self.journal.settled().settled_below;
+            (upto, encode_map_file(upto, &st.map))
+        };
+        self.journal
+            .storage()
+            .write_file_atomic(&link.map_file, &bytes)
+            .map_err(|e| format!("writing the sync map of {} ({}): {e}", link.url, link.map_file))?;
+        let mut st = link.lock();
+        st.persisted_upto = st.persisted_upto.max(upto);
+        Ok(())
+    }
+
+    /// 000:12: ordered shipping to `link` stops; its map alone says what it lacks.
+    pub fn fall_back(&self, link: &Link, why: &str) {
+        {
+            let mut st = link.lock();
+            if st.map.mode() != Mode::FallenBack {
+                tracing::warn!("target {}: falling back to its sync map: {why}", link.url);
+                st.map.fall_back();
+            }
+        }
+        if let Err(e) = self.persist_link(link) {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+impl<S: Storage> Marks for Hub<S> {
+    fn write(&self, lsn: Lsn, file: FileId, offset: u64, len: u64) {
+        for link in &self.links {
+            link.lock().map.mark_write(lsn, file, offset, len);
+            link.wake.notify_all();
+        }
+    }
+
+    fn op(&self, lsn: Lsn, op: &Op) {
+        for link in &self.links {
+            mark_op(&mut link.lock().map, lsn, op);
+            link.wake.notify_all();
+        }
+    }
+}
+
+impl<S: Storage> Retention for Hub<S> {
+    fn floor(&self) -> Option<Lsn> {
+        self.links.iter().map(|l| l.floor()).min()
+    }
+
+    /// The journal is full and a target holds it: that target falls back (never a writer
+    /// blocked for a target that may stay away for days), and resyncs from its map later.
+    fn release(&self) {
+        let start = self.journal.superblock().start_lsn;
+        for link in &self.links {
+            if link.floor() <= start {
+                {
+                    let mut st = link.lock();
+                    st.released = true;
+                    st.last_error = Some("the journal overflowed while this target lagged: it will be resynchronized from its sync map".into());
+                }
+                self.fall_back(link, "journal overflow");
+                link.wake.notify_all();
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The primary's side of replication (design §5): the hub of sync maps, a shipper thread per
+//! target, and what a resync reads. `net/` carries the bytes; `replica/` is the target's side.
+
+pub mod hub;
+pub mod session;
+pub mod shipper;
+pub mod source;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::io::Storage;
+use hub::Hub;
+use session::Connector;
+use shipper::Shipper;
+use source::Source;
+
+/// How often the sync maps are written (each write lets the journal free what they cover).
+pub const PERSIST_EVERY: Duration = Duration::from_secs(2);
+
+/// Running replication: one shipper per target and the timer that persists the maps.
+pub struct Replication<S: Storage> {
+    pub hub: Arc<Hub<S>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl<S: Storage> Replication<S> {
+    /// Starts a shipper for each link of `hub`, with the connector of the same index.
+    pub fn start(hub: Arc<Hub<S>>, connectors: Vec<Box<dyn Connector>>, source: Arc<dyn Source>) -> Replication<S> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (link, connector) in hub.links.iter().zip(connectors) {
+            let shipper = Shipper { hub: hub.clone(), link: link.clone(), source: source.clone(), stop: stop.clone() };
+            let name = format!("ship-{}", link.url.chars().rev().take(8).collect::<String>().chars().rev().collect::<String>());
+            threads.push(std::thread::Builder::new().name(name).spawn(move || shipper.run(connector)).expect("spawning a shipper"));
+        }
+        let (h, st) = (hub.clone(), stop.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("syncmap-persist".into())
+                .spawn(move || {
+                    while !st.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(100));
+                        if h.started.elapsed().as_millis() % PERSIST_EVERY.as_millis() < 100
+                            && let Err(e) = h.persist()
+                        {
+                            tracing::error!("{e}");
+                        }
+                    }
+                })
+                .expect("spawning the persist thread"),
+        );
+        Replication { hub, stop, threads }
+    }
+
+    /// Stops every shipper and writes the maps.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        for l in &self.hub.links {
+            l.wake.notify_all();
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+        if let Err(e) = self.hub.persist() {
+            tracing::error!("{e}");
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! A shipper's connection to one target, whatever carries it: TCP to `ferryfs target`, or a
+//! target core in this process applying to a locally mounted directory (`--target DIR`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::journal::{JournalGeometry, Settled};
+use crate::net::conn::{self, NetError, Writer};
+use crate::os::storage::DirStorage;
+use crate::os::tree::OsTree;
+use crate::proto::wire::control::ControlMsg;
+use crate::proto::wire::{Frame, HandshakeConfig, Key, Role};
+use crate::replica::target::{StagedItem, TargetCore, TargetPosition};
+use crate::types::Lsn;
+
+/// What the target sent back.
+#[derive(Debug)]
+pub enum Event {
+    Ack(Lsn),
+    ResyncDone(u64),
+    Heartbeat,
+    Closed(String),
+}
+
+pub trait Session: Send {
+    /// Where the target stood when the session began.
+    fn position(&self) -> TargetPosition;
+    fn send(&mut self, frame: &Frame) -> Result<(), String>;
+    fn send_records(&mut self, records: &[u8]) -> Result<(), String>;
+    /// The next event, waiting at most `wait`; `None` when there is none yet.
+    fn event(&mut self, wait: Duration) -> Option<Event>;
+}
+
+/// Opens sessions to one target.
+pub trait Connector: Send {
+    fn connect(&mut self) -> Result<Box<dyn Session>, String>;
+}
+
+// ----- TCP ---------------------------------------------------------------------------------
+
+pub struct TcpConnector {
+    pub addr: SocketAddr,
+    pub set_id: [u8; 16],
+    pub epoch: u64,
+    pub key: Option<Key>,
+}
+
+/// How long a target may stay silent (no ack, no heartbeat) before the connection is dropped.
+pub const TARGET_SILENCE_MAX: Duration = Duration::from_secs(10);
+
+impl Connector for TcpConnector {
+    fn connect(&mut self) -> Result<Box<dyn Session>, String> {
+        let cfg = HandshakeConfig {
+            role: Role::Primary,
+            set_id: self.set_id,
+            epoch: self.epoch,
+            instance_id: conn::instance_id(),
+            nonce: conn::nonce(),
+            key: self.key.clone(),
+        };
+        let (mut reader, writer, est) =
+            conn::connect(self.addr, cfg, Duration::from_secs(5)).map_err(|e| format!("connecting to {}: {e}", self.addr))?;
+        if est.peer.role != Role::Target {
+            return Err(format!("{} is a {}, not a mirror target", self.addr, est.peer.role.name()));
+        }
+        if est.peer.set_id != [0; 16] && est.peer.set_id != self.set_id {
+            return Err(format!("{} mirrors another replication set; refusing to ship to it", self.addr));
+        }
+        writer.set_timeout(TARGET_SILENCE_MAX).map_err(|e| e.to_string())?;
+        let position = match reader.recv(TARGET_SILENCE_MAX) {
+            Ok(Frame::Control(ControlMsg::Status { next_lsn, durable_lsn, applied_lsn })) => TargetPosition {
+                next_lsn,
+                durable_next: durable_lsn + 1,
+                applied_next: applied_lsn + 1,
+            },
+            Ok(Frame::Control(ControlMsg::Bye { reason })) => return Err(format!("the target refused: {reason}")),
+            Ok(other) => return Err(format!("the target began with {:?} instead of its status", other.kind())),
+            Err(e) => return Err(format!("waiting for the target's status: {e}")),
+        };
+        let (tx, rx) = mpsc::sync_channel(1024);
+        std::thread::Builder::new()
+            .name("ship-acks".into())
+            .spawn(move || {
+                loop {
+                    let ev = match reader.recv(TARGET_SILENCE_MAX) {
+                        Ok(Frame::Ack(l)) => Event::Ack(l),
+                        Ok(Frame::Heartbeat) => Event::Heartbeat,
+                        Ok(Frame::Control(ControlMsg::ResyncDone { plan })) => Event::ResyncDone(plan),
+                        Ok(Frame::Control(ControlMsg::Bye { reason })) => Event::Closed(format!("the target said: {reason}")),
+                        Ok(Frame::Control(ControlMsg::Status { .. })) => continue,
+                        Ok(f) => Event::Closed(format!("the target sent an unexpected {} frame", f.kind().name())),
+                        Err(NetError::Timeout(t)) => Event::Closed(format!("the target was silent for {t:?}")),
+                        Err(e) => Event::Closed(e.to_string()),
+                    };
+                    let last = matches!(ev, Event::Closed(_));
+                    if tx.send(ev).is_err() || last {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Box::new(TcpSession { writer, events: rx, position }))
+    }
+}
+
+struct TcpSession {
+    writer: Writer,
+    events: Receiver<Event>,
+    position: TargetPosition,
+}
+
+impl Session for TcpSession {
+    fn position(&self) -> TargetPosition {
+        self.position
+    }
+    fn send(&mut self, frame: &Frame) -> Result<(), String> {
+        self.writer.send(frame).map_err(|e| e.to_string())
+    }
+    fn send_records(&mut self, records: &[u8]) -> Result<(), String> {
+        self.writer.send_records(records).map_err(|e| e.to_string())
+    }
+    fn event(&mut self, wait: Duration) -> Option<Event> {
+        match self.events.recv_timeout(wait) {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Event::Closed("the connection ended".into())),
+        }
+    }
+}
+
+impl Drop for TcpSession {
+    fn drop(&mut self) {
+        self.writer.shutdown();
+    }
+}
+
+// ----- a local directory ------------------------------------------------------------------
+
+/// `--target DIR`: the target core runs in this process; its log and staging live under the
+/// primary's journal directory (`state`), its data in `dir`.
+pub struct LocalConnector {
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub set_id: [u8; 16],
+    pub geometry: JournalGeometry,
+    core: Option<Arc<TargetCore<DirStorage, OsTree>>>,
+}
+
+impl LocalConnector {
+    pub fn new(dir: &Path, state: &Path, set_id: [u8; 16], geometry: JournalGeometry) -> LocalConnector {
+        LocalConnector { dir: dir.to_path_buf(), state: state.to_path_buf(), set_id, geometry, core: None }
+    }
+
+    fn open(&mut self) -> Result<Arc<TargetCore<DirStorage, OsTree>>, String> {
+        if let Some(c) = &self.core {
+            return Ok(c.clone());
+        }
+        let log = self.state.join("log");
+        std::fs::create_dir_all(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+        let storage = DirStorage::new(&log);
+        let tree = OsTree::open(&self.dir).map_err(|e| format!("opening target directory {}: {e}", self.dir.display()))?;
+        let has = storage.read_superblock_if_any().map_err(|e| e.to_string())?.is_some();
+        let core = if has {
+            TargetCore::open(storage, tree, &self.state)
+        } else {
+            TargetCore::create(storage, self.geometry, self.set_id, tree, &self.state)
+        }
+        .map_err(|e| format!("target directory {}: {e}", self.dir.display()))?;
+        if core.set_id() != self.set_id {
+            return Err(format!("{} holds the state of another replication set", self.state.display()));
+        }
+        let core = Arc::new(core);
+        self.core = Some(core.clone());
+        Ok(core)
+    }
+}
+
+impl Connector for LocalConnector {
+    fn connect(&mut self) -> Result<Box<dyn Session>, String> {
+        let core = self.open()?;
+        let position = core.position();
+        Ok(Box::new(LocalSession { core, events: Vec::new(), position, last_checkpoint: Instant::now() }))
+    }
+}
+
+struct LocalSession {
+    core: Arc<TargetCore<DirStorage, OsTree>>,
+    events: Vec<Event>,
+    position: TargetPosition,
+    last_checkpoint: Instant,
+}
+
+impl LocalSession {
+    fn after(&mut self) -> Result<(), String> {
+        self.core.apply_available().map_err(|e| e.to_string())?;
+        if self.last_checkpoint.elapsed() > Duration::from_secs(2) {
+            self.core.checkpoint().map_err(|e| e.to_string())?;
+            self.last_checkpoint = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+impl Session for LocalSession {
+    fn position(&self) -> TargetPosition {
+        self.position
+    }
+
+    fn send(&mut self, frame: &Frame) -> Result<(), String> {
+        let c = &self.core;
+        let r = match frame {
+            Frame::Records(b) => return self.send_records(b),
+            Frame::Heartbeat => {
+                self.events.push(Event::Heartbeat);
+                Ok(())
+            }
+            Frame::Data { file, offset, data } => {
+                c.resync_item(&StagedItem::Data { file: *file, offset: *offset, data: data.clone() })
+            }
+            Frame::Control(ControlMsg::Settled { settled_below, records_below }) => {
+                c.settled(Settled { settled_below: Lsn(*settled_below), records_below: Lsn(*records_below) });
+                Ok(())
+            }
+            Frame::Control(ControlMsg::ResyncBegin { plan, resume_lsn, .. }) => c.resync_begin(*plan, *resume_lsn),
+            Frame::Control(ControlMsg::ResyncEntries { dir, entries, last }) => {
+                c.resync_item(&StagedItem::Entries { dir: *dir, entries: entries.clone(), last: *last })
+            }
+            Frame::Control(ControlMsg::ResyncNode { node }) => c.resync_item(&StagedItem::Node(node.clone())),
+            Frame::Control(ControlMsg::ResyncEnd { plan }) => {
+                let r = c.resync_end(*plan);
+                if r.is_ok() {
+                    self.events.push(Event::ResyncDone(*plan));
+                }
+                r
+            }
+            Frame::Control(_) | Frame::Ack(_) => Ok(()),
+        };
+        r.map_err(|e| e.to_string())?;
+        self.after()
+    }
+
+    fn send_records(&mut self, records: &[u8]) -> Result<(), String> {
+        let acked = self.core.receive(records).map_err(|e| e.to_string())?;
+        self.events.push(Event::Ack(acked));
+        self.after()
+    }
+
+    fn event(&mut self, wait: Duration) -> Option<Event> {
+        if self.events.is_empty() {
+            std::thread::sleep(wait.min(Duration::from_millis(1)));
+            return None;
+        }
+        Some(self.events.remove(0))
+    }
+}

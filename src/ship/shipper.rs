@@ -1,0 +1,390 @@
+//! One target's shipper: its own thread; connects with backoff, resyncs from the sync map when
+//! ordered shipping cannot simply go on, then ships the journal in LSN order with a window of
+//! unacked bytes, batching records into frames.
+//!
+//! ```text
+//!  connect ──> target's position ──ordered & the journal still holds it──> ship records
+//!                               └─otherwise──> resync (000:13) ──ResyncDone──> ship records
+//!  any error, silence or overflow ──> disconnected ──backoff──> connect
+//! ```
+//!
+//! Only records that are durable in the journal and belong to ended transactions are sent
+//! (below `min(durable, settled_below)`): a target never holds a record the primary could lose
+//! in a crash, and a transaction's marks (made before it ends) always precede its records'
+//! acks. Memory: at most [`WINDOW_BYTES`] unacked plus one batch being read.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::hub::{Hub, Link, LinkState};
+use super::session::{Connector, Event, Session};
+use super::source::Source;
+use crate::format::ops::NodeKind;
+use crate::io::Storage;
+use crate::journal::{CursorError, LogCursor};
+use crate::proto::wire::Frame;
+use crate::proto::wire::control::{ControlMsg, NodeDesc};
+use crate::syncmap::{Mode, ResyncPlan};
+use crate::types::{FileId, Lsn};
+
+/// Unacked bytes in flight to one target at most.
+pub const WINDOW_BYTES: usize = 8 << 20;
+/// Bytes of records per frame at most (plus one record).
+pub const BATCH_BYTES: usize = 1 << 20;
+/// Bytes of file data per resync frame.
+pub const RESYNC_CHUNK: usize = 1 << 20;
+/// How often the shipper makes the journal durable itself when it has records to send.
+const SYNC_EVERY: Duration = Duration::from_millis(10);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Entries per ResyncEntries message (keeps a control body well under its limit).
+const ENTRIES_PER_MESSAGE: usize = 256;
+
+pub struct Shipper<S: Storage> {
+    pub hub: Arc<Hub<S>>,
+    pub link: Arc<Link>,
+    pub source: Arc<dyn Source>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl<S: Storage> Shipper<S> {
+    /// Runs until `stop`: connect, serve, back off, again.
+    pub fn run(&self, mut connector: Box<dyn Connector>) {
+        let mut backoff = BACKOFF_MIN;
+        while !self.stop.load(Ordering::Acquire) {
+            let result = connector.connect().and_then(|mut s| {
+                backoff = BACKOFF_MIN;
+                self.serve(s.as_mut())
+            });
+            let why = match result {
+                Ok(()) => return,
+                Err(why) => why,
+            };
+            {
+                let mut st = self.link.lock();
+                if st.last_error.as_deref() != Some(&why) {
+                    tracing::warn!("target {}: {why}", self.link.url);
+                }
+                st.state = LinkState::Disconnected;
+                st.last_error = Some(why);
+                st.reconnects += 1;
+            }
+            self.sleep(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stop.load(Ordering::Acquire) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20).min(d));
+        }
+    }
+
+    /// One connection: resync if needed, then ordered shipping until an error or stop.
+    fn serve(&self, s: &mut dyn Session) -> Result<(), String> {
+        let journal = self.hub.journal();
+        let pos = s.position();
+        let resume = {
+            let mut st = self.link.lock();
+            st.released = false;
+            match st.map.mode() {
+                Mode::Ordered { acked_below } if pos.durable_next < acked_below.0 => {
+                    // The target lost what it had acked (a new machine, a wiped --state).
+                    tracing::warn!("target {} holds less than it acked: a full resync follows", self.link.url);
+                    st.map.require_full_resync();
+                    st.map.fall_back();
+                    None
+                }
+                Mode::Ordered { .. } if !st.map.needs_resync() => {
+                    if pos.durable_next > 0 {
+                        st.map.ack(Lsn(pos.durable_next - 1));
+                    }
+                    Some(Lsn(pos.durable_next))
+                }
+                _ => None,
+            }
+        };
+        let cursor = match resume.map(|l| journal.cursor_at(l)) {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                self.hub.fall_back(&self.link, &format!("ordered shipping cannot resume: {e}"));
+                self.resync(s)?
+            }
+            None => self.resync(s)?,
+        };
+        self.ship(s, cursor)
+    }
+
+    /// 000:13: sends the current contents of every marked location, staged at the target,
+    /// then ordered shipping resumes at the plan's LSN.
+    fn resync(&self, s: &mut dyn Session) -> Result<LogCursor, String> {
+        let journal = self.hub.journal();
+        let plan = {
+            let mut st = self.link.lock();
+            // Every transaction below this has ended: its effects are in what we read.
+            let resume = journal.settled().settled_below;
+            let plan = st.map.resync_plan(resume);
+            st.state = if plan.full { LinkState::InitialSync } else { LinkState::Resyncing };
+            plan
+        };
+        tracing::info!(
+            "target {}: resync {} ({}, {} files, {} blocks), then ordered from {}",
+            self.link.url,
+            plan.id.0,
+            if plan.full { "full" } else { "marked locations" },
+            plan.files.len(),
+            plan.block_count(),
+            plan.resume_from.0
+        );
+        s.send(&Frame::Control(ControlMsg::ResyncBegin { plan: plan.id.0, resume_lsn: plan.resume_from.0, full: plan.full }))?;
+        self.send_plan(s, &plan)?;
+        s.send(&Frame::Control(ControlMsg::ResyncEnd { plan: plan.id.0 }))?;
+        self.await_resync_done(s, plan.id.0)?;
+        {
+            let mut st = self.link.lock();
+            st.map.resync_done(plan.id).map_err(|e| e.to_string())?;
+        }
+        if let Err(e) = self.hub.persist_link(&self.link) {
+            tracing::error!("{e}");
+        }
+        journal.cursor_at(plan.resume_from).map_err(|e| format!("after the resync: {e}"))
+    }
+
+    fn await_resync_done(&self, s: &mut dyn Session, plan: u64) -> Result<(), String> {
+        let mut last_beat = Instant::now();
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Err("stopping".into());
+            }
+            match s.event(Duration::from_millis(200)) {
+                Some(Event::ResyncDone(p)) if p == plan => return Ok(()),
+                Some(Event::Closed(why)) => return Err(why),
+                _ => {}
+            }
+            if last_beat.elapsed() >= HEARTBEAT_EVERY {
+                s.send(&Frame::Heartbeat)?;
+                last_beat = Instant::now();
+            }
+        }
+    }
+
+    fn send_plan(&self, s: &mut dyn Session, plan: &ResyncPlan) -> Result<(), String> {
+        let src = self.source.as_ref();
+        let (dirs, files, others) = if plan.full { self.walk_all()? } else { self.plan_objects(plan)? };
+        for dir in &dirs {
+            self.send_entries(s, *dir)?;
+        }
+        for (id, ranges) in &files {
+            self.send_data(s, *id, ranges)?;
+        }
+        for id in dirs.iter().chain(files.iter().map(|(id, _)| id)).chain(others.iter()) {
+            match src.describe(*id) {
+                Ok(node) => {
+                    self.count_resync(64 + node.xattrs.iter().map(|(a, b)| a.len() + b.len()).sum::<usize>());
+                    s.send(&Frame::Control(ControlMsg::ResyncNode { node }))?
+                }
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(format!("reading file {id} for the resync: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// A full sync: every directory (parents first), every file (whole), every other object.
+    #[allow(clippy::type_complexity)]
+    fn walk_all(&self) -> Result<(Vec<FileId>, Vec<(FileId, Vec<(u64, u64)>)>, Vec<FileId>), String> {
+        let mut dirs = vec![FileId::ROOT];
+        let mut files = Vec::new();
+        let mut others = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut i = 0;
+        while i < dirs.len() {
+            let entries = match self.source.entries(dirs[i]) {
+                Ok(e) => e,
+                Err(e) if gone(&e) => Vec::new(),
+                Err(e) => return Err(format!("listing directory {} for the initial sync: {e}", dirs[i])),
+            };
+            for (_, d) in entries {
+                if !seen.insert(d.id) {
+                    continue; // a hard link seen before
+                }
+                match NodeKind::from_u8(d.kind) {
+                    Some(NodeKind::Dir) => dirs.push(FileId(d.id)),
+                    Some(NodeKind::File) => files.push((FileId(d.id), vec![(0, u64::MAX)])),
+                    _ => others.push(FileId(d.id)),
+                }
+            }
+            i += 1;
+        }
+        Ok((dirs, files, others))
+    }
+
+    /// The plan's objects: directories whose entries changed, files with marked blocks (byte
+    /// ranges), and objects whose attributes changed.
+    #[allow(clippy::type_complexity)]
+    fn plan_objects(&self, plan: &ResyncPlan) -> Result<(Vec<FileId>, Vec<(FileId, Vec<(u64, u64)>)>, Vec<FileId>), String> {
+        let mut dirs = Vec::new();
+        let mut files = Vec::new();
+        let mut others = Vec::new();
+        for f in &plan.files {
+            if f.entries {
+                dirs.push(f.file);
+            }
+            if !f.blocks.is_empty() {
+                files.push((f.file, f.blocks.iter().map(|b| (b.byte_offset(), b.byte_len())).collect()));
+            }
+            if f.attr && !f.entries && f.blocks.is_empty() {
+                others.push(f.file);
+            }
+        }
+        Ok((dirs, files, others))
+    }
+
+    fn send_entries(&self, s: &mut dyn Session, dir: FileId) -> Result<(), String> {
+        let entries = match self.source.entries(dir) {
+            Ok(e) => e,
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(format!("listing directory {dir} for the resync: {e}")),
+        };
+        let mut chunks: Vec<Vec<(Vec<u8>, NodeDesc)>> = entries.chunks(ENTRIES_PER_MESSAGE).map(|c| c.to_vec()).collect();
+        if chunks.is_empty() {
+            chunks.push(Vec::new());
+        }
+        let n = chunks.len();
+        for (i, entries) in chunks.into_iter().enumerate() {
+            self.count_resync(entries.iter().map(|(n, d)| n.len() + 48 + d.target.len()).sum());
+            s.send(&Frame::Control(ControlMsg::ResyncEntries { dir: dir.0, entries, last: i + 1 == n }))?;
+        }
+        Ok(())
+    }
+
+    /// The current contents of `ranges` of file `id`, clipped to its size now.
+    fn send_data(&self, s: &mut dyn Session, id: FileId, ranges: &[(u64, u64)]) -> Result<(), String> {
+        let mut buf = vec![0u8; RESYNC_CHUNK];
+        for &(offset, len) in ranges {
+            let end = offset.saturating_add(len);
+            let mut at = offset;
+            while at < end {
+                let want = ((end - at) as usize).min(RESYNC_CHUNK);
+                let n = match self.source.read(id, at, &mut buf[..want]) {
+                    Ok(n) => n,
+                    Err(e) if gone(&e) => return Ok(()),
+                    Err(e) => return Err(format!("reading file {id} at {at} for the resync: {e}")),
+                };
+                if n == 0 {
+                    break;
+                }
+                self.count_resync(n + 16);
+                s.send(&Frame::Data { file: id.0, offset: at, data: buf[..n].to_vec() })?;
+                at += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn count_resync(&self, n: usize) {
+        let mut st = self.link.lock();
+        st.bytes_resync += n as u64;
+        st.bytes_sent += n as u64;
+    }
+
+    /// Ordered shipping from `cur` until an error or stop.
+    fn ship(&self, s: &mut dyn Session, mut cur: LogCursor) -> Result<(), String> {
+        let journal = self.hub.journal().clone();
+        let mut window: VecDeque<(Lsn, usize)> = VecDeque::new();
+        let mut inflight = 0usize;
+        let mut batch = Vec::with_capacity(BATCH_BYTES + (2 << 20));
+        let mut last_sync = Instant::now();
+        let mut last_sent = Instant::now();
+        let mut last_heard = Instant::now();
+        let mut last_settled = None;
+        self.link.lock().sent_below = cur.next;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                let _ = s.send(&Frame::Control(ControlMsg::Bye { reason: "the primary is stopping".into() }));
+                return Ok(());
+            }
+            if self.link.lock().released {
+                return Err("the journal overflowed while this target lagged: resynchronizing from the sync map".into());
+            }
+            // Acks and other news from the target.
+            while let Some(ev) = s.event(Duration::ZERO) {
+                last_heard = Instant::now();
+                match ev {
+                    Event::Ack(l) => {
+                        while window.front().is_some_and(|(last, _)| *last <= l) {
+                            inflight -= window.pop_front().unwrap().1;
+                        }
+                        self.link.lock().map.ack(l);
+                    }
+                    Event::Closed(why) => return Err(why),
+                    _ => {}
+                }
+            }
+            if last_heard.elapsed() > super::session::TARGET_SILENCE_MAX {
+                return Err(format!("the target was silent for {:?}", super::session::TARGET_SILENCE_MAX));
+            }
+            let settled = journal.settled();
+            let mut durable = journal.durable_lsn();
+            if durable < settled.settled_below && cur.next < settled.settled_below && last_sync.elapsed() >= SYNC_EVERY {
+                durable = journal.sync().map_err(|e| e.to_string())?;
+                last_sync = Instant::now();
+            }
+            let limit = durable.min(settled.settled_below);
+            let mut idle = true;
+            if cur.next < limit && inflight < WINDOW_BYTES {
+                batch.clear();
+                match journal.read_records(&mut cur, limit, BATCH_BYTES, &mut batch) {
+                    Ok(_) => {}
+                    Err(CursorError::Gone(l)) => {
+                        self.hub.fall_back(&self.link, &format!("record {} left the journal before it was sent", l.0));
+                        return Err(format!("record {} left the journal before it was sent: resynchronizing", l.0));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+                s.send_records(&batch)?;
+                window.push_back((Lsn(cur.next.0 - 1), batch.len()));
+                inflight += batch.len();
+                let mut st = self.link.lock();
+                st.sent_below = cur.next;
+                st.bytes_sent += batch.len() as u64 + 16;
+                idle = false;
+                last_sent = Instant::now();
+            }
+            if last_settled != Some(settled) && cur.next >= settled.settled_below.min(durable) {
+                s.send(&Frame::Control(ControlMsg::Settled {
+                    settled_below: settled.settled_below.0,
+                    records_below: settled.records_below.0,
+                }))?;
+                last_settled = Some(settled);
+            }
+            self.update_state(&journal, &cur);
+            if last_sent.elapsed() >= HEARTBEAT_EVERY {
+                s.send(&Frame::Heartbeat)?;
+                last_sent = Instant::now();
+            }
+            if idle {
+                let st = self.link.lock();
+                let _ = self.link.wake.wait_timeout(st, Duration::from_millis(5)).unwrap();
+            }
+        }
+    }
+
+    fn update_state(&self, journal: &crate::journal::Journal<S>, cur: &LogCursor) {
+        let next = journal.next_lsn();
+        let mut st = self.link.lock();
+        let caught_up = matches!(st.map.mode(), Mode::Ordered { acked_below } if acked_below >= next) && cur.next >= next;
+        st.state = if caught_up { LinkState::InSync } else { LinkState::Connected };
+        if caught_up {
+            st.last_error = None;
+        }
+    }
+}
+
+fn gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESTALE))
+}
