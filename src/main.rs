@@ -23,6 +23,7 @@ enum Command {
     Mount(cmd::mount::MountArgs),
     Replay(cmd::replay::ReplayArgs),
     Inspect(cmd::inspect::InspectArgs),
+    Target(cmd::target::TargetArgs),
     Demo(cmd::demo::DemoArgs),
     Status(cmd::status::StatusArgs),
 }
@@ -40,6 +41,7 @@ fn main() {
         Command::Mount(a) => cmd::mount::run(a),
         Command::Replay(a) => cmd::replay::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Target(a) => cmd::target::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Status(a) => cmd::status::run(a),
     };

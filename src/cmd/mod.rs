@@ -5,4 +5,6 @@ pub mod demo;
 pub mod inspect;
 pub mod mount;
 pub mod replay;
+pub mod replication;
 pub mod status;
+pub mod target;

@@ -11,6 +11,10 @@ use anyhow::{Context, Result, bail};
 use fuser::{Config, MountOption, SessionACL};
 
 use super::common::{self, parse_duration, parse_size};
+use super::replication;
+use crate::ship::Replication;
+use crate::ship::hub::Hub;
+use crate::status::StatusServer;
 use crate::format::superblock::Superblock;
 use crate::fuse::{FerryFs, FuseOptions};
 use crate::journal::{JournalGeometry, recovery};
@@ -69,6 +73,15 @@ pub struct MountArgs {
     /// Seconds the kernel may cache names and attributes.
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     pub attr_timeout: Duration,
+    /// A mirror target: `tcp://HOST:PORT` (a `ferryfs target`) or a directory (a locally mounted
+    /// remote filesystem such as NFS, applied to directly). Repeatable. A target seen for the
+    /// first time receives a full initial sync while writes go on.
+    #[arg(long = "target", value_name = "URL")]
+    pub targets: Vec<String>,
+    /// A shared secret for every tcp target: both sides prove they hold it (HMAC-SHA256)
+    /// before any record moves. Make one with `head -c 32 /dev/urandom | base64 > FILE`.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
 }
 
 pub fn run(a: MountArgs) -> Result<()> {
@@ -86,6 +99,11 @@ pub fn run(a: MountArgs) -> Result<()> {
     let storage = DirStorage::new(&journal);
     let tree = OsTree::open(&backing).with_context(|| format!("--backing {}", backing.display()))?;
     let boot = common::boot_id();
+    let targets = a.targets.iter().map(|t| replication::parse_target(t)).collect::<Result<Vec<_>>>()?;
+    replication::check_targets(&targets, &backing, &journal, &mountpoint)?;
+    let key = a.key.as_deref().map(replication::read_key).transpose()?;
+    let has_journal = storage.read_superblock_if_any()?.is_some();
+    let maps = replication::load_maps(&storage, &targets, has_journal)?;
 
     let opened = match storage.read_superblock_if_any()? {
         None => {
@@ -121,6 +139,23 @@ pub fn run(a: MountArgs) -> Result<()> {
     opened.journal.mark_open(boot).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ids = IdTable::from_snapshot(opened.ids.snapshot());
     let core = Arc::new(Core::new(opened.journal, tree, ids, CoreConfig::default())?);
+    let repl = (!targets.is_empty()).then(|| {
+        let named = targets.iter().zip(maps).map(|(t, (upto, map))| (t.url().to_string(), upto, map)).collect();
+        let hub = Hub::new(core.journal.clone(), named);
+        core.set_marks(hub.clone());
+        core.journal.set_retention(hub.clone());
+        let sb = core.journal.superblock();
+        let conns = replication::connectors(&targets, &journal, sb.set_id, sb.epoch, key.as_ref());
+        Replication::start(hub, conns, core.clone())
+    });
+    if let Some(r) = &repl {
+        r.hub.persist().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let status = {
+        let (j, h, dir) = (core.journal.clone(), repl.as_ref().map(|r| r.hub.clone()), journal.clone());
+        StatusServer::start(&journal, Arc::new(move || replication::report(&j, h.as_deref(), &dir)))
+            .with_context(|| format!("starting the status socket in {}", journal.display()))?
+    };
 
     let writeback_cache = !a.no_writeback_cache;
     let kernel_flush: Option<KernelFlush> = writeback_cache.then(|| {
@@ -148,6 +183,10 @@ pub fn run(a: MountArgs) -> Result<()> {
     if let Err(e) = ended {
         eprintln!("ferryfs: the FUSE session ended with an error: {e}");
     }
+    if let Some(r) = repl {
+        r.stop();
+    }
+    drop(status);
     core.journal.close_clean().map_err(|e| anyhow::anyhow!("closing the journal: {e}"))?;
     eprintln!("ferryfs: unmounted {}; journal closed cleanly", mountpoint.display());
     Ok(())

@@ -109,6 +109,26 @@ impl<S: Storage> Journal<S> {
         })
     }
 
+    /// Bytes of the live log (from its start to its end), segment tails counted.
+    pub fn bytes_appended_since_start(&self) -> u64 {
+        let (start, _, end, _) = self.live();
+        self.distance(start, end)
+    }
+
+    /// Bytes of log from about record `lsn` (the start of its segment) to the end.
+    pub fn bytes_from(&self, lsn: Lsn) -> u64 {
+        let (_, _, end, _) = self.live();
+        match self.segment_holding(lsn) {
+            Ok((_, at)) => self.distance(at, end),
+            Err(_) => 0,
+        }
+    }
+
+    fn distance(&self, from: Position, to: Position) -> u64 {
+        let size = self.geometry().segment_size;
+        ((to.seq * size) + to.offset).saturating_sub((from.seq * size) + from.offset)
+    }
+
     /// The start of the segment that holds record `lsn` (or the log's start, if that is
     /// later): where a checkpoint may move the log's start while keeping `lsn`.
     pub(super) fn segment_holding(&self, lsn: Lsn) -> Result<(Lsn, Position), JournalError> {
