@@ -74,6 +74,13 @@ pub use crate::proto::wire::control::NodeDesc;
 
 type Res = Result<Applied, ApplyError>;
 
+/// An object and the directory entry it was found by.
+struct Found<N> {
+    dir: N,
+    name: Vec<u8>,
+    node: N,
+}
+
 /// Applies records and resync descriptions to one target directory.
 pub struct Applier<T: Tree> {
     tree: T,
@@ -184,7 +191,7 @@ impl<T: Tree> Applier<T> {
             }
             Some(_) => Ok(Applied::Skipped("name taken by another object")),
             None if self.kind_of(&found)? != new.kind => Ok(Applied::Skipped("name taken by an untagged object")),
-            None if true => Ok(Applied::Skipped("name taken by an untagged object")),
+            None if self.node(id)?.is_some() => Ok(Applied::Skipped("name taken by an untagged object")),
             None => {
                 let attr =
                     SetAttr { mode: Some(new.mode), uid: Some(new.uid), gid: Some(new.gid), ..SetAttr::default() };
@@ -420,10 +427,10 @@ impl<T: Tree> Applier<T> {
         if kind != NodeKind::Dir {
             self.tree.link(found, dnode, name).map_err(on_err(what))?;
         } else {
-            let Some((from, from_name)) = self.locate(id)? else {
+            let Some(from) = self.locate(id)? else {
                 return Err(ApplyError::Diverged(format!("directory {id} exists, but not in any directory")));
             };
-            self.tree.rename(&from, &from_name, dnode, name, libc::RENAME_NOREPLACE).map_err(on_err(what))?;
+            self.tree.rename(&from.dir, &from.name, dnode, name, libc::RENAME_NOREPLACE).map_err(on_err(what))?;
         }
         self.remember(id, dnode, name)
     }
@@ -561,8 +568,8 @@ impl<T: Tree> Applier<T> {
         if let Some(node) = self.by_handle(id)? {
             return Ok(Some(node));
         }
-        if let Some((_, _, node)) = self.by_hint(id)? {
-            return Ok(Some(node));
+        if let Some(found) = self.by_hint(id)? {
+            return Ok(Some(found.node));
         }
         if !self.may_exist_unindexed(id)? {
             return Ok(None);
@@ -573,15 +580,15 @@ impl<T: Tree> Applier<T> {
 
     /// Where the object `id` is: its directory and name (from the hints, after a scan if
     /// they may be incomplete).
-    fn locate(&mut self, id: FileId) -> Result<Option<(T::Node, Vec<u8>)>, ApplyError> {
-        if let Some((dir, name, _)) = self.by_hint(id)? {
-            return Ok(Some((dir, name)));
+    fn locate(&mut self, id: FileId) -> Result<Option<Found<T::Node>>, ApplyError> {
+        if let Some(found) = self.by_hint(id)? {
+            return Ok(Some(found));
         }
         if !self.may_exist_unindexed(id)? {
             return Ok(None);
         }
         self.scan()?;
-        Ok(self.by_hint(id)?.map(|(dir, name, _)| (dir, name)))
+        self.by_hint(id)
     }
 
     /// True when `id` may exist without the map or the hints knowing it: no scan yet, and
@@ -608,7 +615,7 @@ impl<T: Tree> Applier<T> {
     }
 
     /// The object `id` where its hint says, with that directory and name.
-    fn by_hint(&mut self, id: FileId) -> Result<Option<(T::Node, Vec<u8>, T::Node)>, ApplyError> {
+    fn by_hint(&mut self, id: FileId) -> Result<Option<Found<T::Node>>, ApplyError> {
         let Some((dir_handle, name)) = self.hints.get(&id).cloned() else { return Ok(None) };
         let found = match self.tree.open_handle(&dir_handle) {
             Ok(dir) => match self.tree.lookup(&dir, &name) {
@@ -622,7 +629,7 @@ impl<T: Tree> Applier<T> {
         match found {
             Some((dir, node)) if self.tag_of(&node)? == Some(id) => {
                 self.bind_node(id, &node)?;
-                Ok(Some((dir, name, node)))
+                Ok(Some(Found { dir, name, node }))
             }
             _ => {
                 self.hints.remove(&id);

@@ -486,7 +486,19 @@ fn desc(id: u64, kind: NodeKind) -> NodeDesc {
 /// `/a` (20, dir) ─ `moved` (24, dir) ─ `inner` (26, file "inner data")
 ///                └ `x` (25, file "new-x", user.new=2, 0o600 owned by 5:6)
 /// `/h1`, `/h2` (21, one file "hh", two names), `/l` (22, symlink "a/x"), `/n` (23, file "nn").
-fn primary() -> (Vec<(u64, Vec<(Vec<u8>, NodeDesc)>)>, Vec<(u64, &'static [u8])>, Vec<NodeDesc>) {
+/// A directory's entries as resync sends them.
+type Entries = Vec<(Vec<u8>, NodeDesc)>;
+
+struct Primary {
+    /// Each directory's entries, top-down.
+    dirs: Vec<(u64, Entries)>,
+    /// File contents the target lacks.
+    data: Vec<(u64, &'static [u8])>,
+    /// Every object's attributes, directories after their entries.
+    nodes: Vec<NodeDesc>,
+}
+
+fn primary() -> Primary {
     use NodeKind::*;
     let mut x = NodeDesc { size: 5, mode: 0o600, uid: 5, gid: 6, ..desc(25, File) };
     x.xattrs = vec![(b"user.new".to_vec(), b"2".to_vec())];
@@ -502,14 +514,14 @@ fn primary() -> (Vec<(u64, Vec<(Vec<u8>, NodeDesc)>)>, Vec<(u64, &'static [u8])>
     ];
     let data: Vec<(u64, &'static [u8])> = vec![(25, b"new-x"), (21, b"hh"), (23, b"nn")];
     let nodes = vec![x, link, h, n, inner, desc(24, Dir), desc(20, Dir)];
-    (dirs, data, nodes)
+    Primary { dirs, data, nodes }
 }
 
 /// Sends the primary's state: entries top-down, then data, then attributes (directories
 /// last, after their entries). `inner`'s data is not sent: resync sends only what changed,
 /// and the target has it, in a directory that moved.
 fn resync<T: Tree>(a: &mut Applier<T>, send_inner: bool) {
-    let (dirs, data, nodes) = primary();
+    let Primary { dirs, data, nodes } = primary();
     for (dir, entries) in &dirs {
         a.apply_entries(FileId(*dir), entries).unwrap();
     }
@@ -583,8 +595,7 @@ fn resync_mends_a_target_in_any_state_and_keeps_moved_data<T: Backend>() {
     assert_eq!(a.tree().handle_of(&node_at(a.tree(), &["a", "moved", "inner"])).unwrap(), inner_before);
     check_resync_times(a.tree());
     // Resyncing an equal tree changes no name.
-    let (dirs, _, _) = primary();
-    for (dir, entries) in &dirs {
+    for (dir, entries) in &primary().dirs {
         assert_eq!(a.apply_entries(FileId(*dir), entries).unwrap(), Applied::Already);
     }
     a.finish_resync().unwrap();
@@ -614,8 +625,7 @@ fn interrupted_resync_resumes_with_a_fresh_applier<T: Backend>() {
     let (tree, dir) = T::fresh();
     let mut a = Applier::new(tree, SET, IdSnapshot::default());
     messy_target(&mut a);
-    let (dirs, _, _) = primary();
-    a.apply_entries(FileId(1), &dirs[0].1).unwrap();
+    a.apply_entries(FileId(1), &primary().dirs[0].1).unwrap();
     let mut b = Applier::new(a.tree().again(&dir), SET, IdSnapshot::default());
     drop(a);
     resync(&mut b, false);
