@@ -801,3 +801,16 @@ fn unsafe_zeroed_stat() -> libc::stat {
     // SAFETY: libc::stat is plain old data; all-zero is a valid value.
     unsafe { std::mem::zeroed() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_trusted_ferryfs_xattr_is_hidden_and_only_those() {
+        let list = b"user.a\0trusted.ferryfs.applied\0trusted.ferryfs.id\0trusted.ferryfsx\0security.s\0".to_vec();
+        assert_eq!(without_private_xattrs(list), b"user.a\0trusted.ferryfsx\0security.s\0");
+        assert!(is_private_xattr(OsStr::new("trusted.ferryfs.created")));
+        assert!(!is_private_xattr(OsStr::new("trusted.ferryfs")));
+    }
+}

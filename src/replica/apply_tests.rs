@@ -557,7 +557,8 @@ fn resync_expected() -> Listing {
 /// A target whose directory differs from the primary in every way resync must mend:
 /// `moved` (24) sits at `/m_old` holding `inner` (26) with its data; `x` (25) at `/x_old`
 /// with old contents and an old xattr; `/n` is another object (30) with data; `/h1` (21)
-/// has a second name `/extra`; an untagged file and an untagged directory with contents.
+/// has two more names, `/extra` and `/extra2` (the second finds the first in the stash); an
+/// untagged file and an untagged directory with contents.
 fn messy_target<T: Backend>(a: &mut Applier<T>) {
     use NodeKind::*;
     for step in [
@@ -571,6 +572,7 @@ fn messy_target<T: Backend>(a: &mut Applier<T>) {
         Step::Write(30, 0, b"not n"),
         create(1, "h1", 21, File, 0o644, 0),
         Step::Op(Op::Link { id: FileId(21), new_parent: FileId(1), new_name: b"extra".to_vec() }),
+        Step::Op(Op::Link { id: FileId(21), new_parent: FileId(1), new_name: b"extra2".to_vec() }),
     ] {
         apply(a, &step);
     }

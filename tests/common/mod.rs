@@ -35,6 +35,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod proxy;
+pub mod target;
+
 /// How long `start` waits for the mount to appear.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `Drop` waits after SIGTERM before forcing the unmount.
@@ -285,6 +288,16 @@ impl Mount {
         abort_connection(self.fuse_dev);
         force_unmount(&self.mnt);
         assert!(!self.is_mounted(), "dead mount still attached after kill9");
+    }
+
+    /// Like `restart`, with `args` in place of the extra arguments given at start.
+    pub fn restart_with(&mut self, args: &[&str]) {
+        if self.child.is_some() {
+            let st = self.stop();
+            assert!(st.success(), "stop before restart: {st}; output:\n{}", self.log());
+        }
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self.spawn_and_wait();
     }
 
     /// Start the daemon again on the same dirs with the same arguments. If it is

@@ -1,0 +1,284 @@
+//! Replication end to end, with real processes on loopback: a mount with `--target`s, `ferryfs
+//! target` processes, and a fault-injecting proxy between them (issue 3, "Tests").
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::proxy::FaultProxy;
+use common::target::{TargetProc, status, tree_diff, wait_converged};
+use common::{Mount, cpath, pattern};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+fn seed() -> u64 {
+    std::env::var("FERRYFS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
+}
+
+/// Flushes the kernel's writeback cache into the journal (as the committer would within
+/// --commit-interval) so a test need not wait for it.
+fn sync_mount(m: &Mount) {
+    let f = fs::File::open(&m.mnt).unwrap();
+    // SAFETY: a valid fd.
+    unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+}
+
+fn setxattr(p: &Path, name: &str, value: &[u8]) {
+    let (c, n) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid NUL-terminated strings and buffer.
+    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr() as *const _, value.len(), 0) };
+    assert_eq!(r, 0, "setxattr {}: {}", p.display(), std::io::Error::last_os_error());
+}
+
+/// A seeded random workload over the mount: writes, truncates, renames (files and
+/// directories), hard links, symlinks, xattrs, chmod/chown, mkdir/rmdir, and unlink of files
+/// still open and written afterwards.
+fn random_workload(root: &Path, seed: u64, steps: usize) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut dirs: Vec<PathBuf> = vec![root.to_path_buf()];
+    let mut n = 0;
+    let mut name = |rng: &mut ChaCha8Rng, dirs: &Vec<PathBuf>| {
+        n += 1;
+        dirs[rng.gen_range(0..dirs.len())].join(format!("n{n}"))
+    };
+    for _ in 0..steps {
+        match rng.gen_range(0..100) {
+            0..=24 => {
+                let p = name(&mut rng, &dirs);
+                let len = rng.gen_range(0..200_000);
+                fs::write(&p, pattern(rng.r#gen(), len)).unwrap();
+                files.push(p);
+            }
+            25..=44 if !files.is_empty() => {
+                let p = &files[rng.gen_range(0..files.len())];
+                let f = OpenOptions::new().write(true).open(p).unwrap();
+                let off = rng.gen_range(0..300_000u64);
+                f.write_all_at(&pattern(rng.r#gen(), rng.gen_range(1..50_000)), off).unwrap();
+            }
+            45..=49 if !files.is_empty() => {
+                let p = &files[rng.gen_range(0..files.len())];
+                OpenOptions::new().write(true).open(p).unwrap().set_len(rng.gen_range(0..100_000)).unwrap();
+            }
+            50..=57 if !files.is_empty() => {
+                let i = rng.gen_range(0..files.len());
+                let to = name(&mut rng, &dirs);
+                fs::rename(&files[i], &to).unwrap();
+                files[i] = to;
+            }
+            58..=61 if !files.is_empty() => {
+                let to = name(&mut rng, &dirs);
+                fs::hard_link(&files[rng.gen_range(0..files.len())], &to).unwrap();
+                files.push(to);
+            }
+            62..=65 => {
+                let to = name(&mut rng, &dirs);
+                std::os::unix::fs::symlink(format!("target-{}", rng.gen_range(0..100)), &to).unwrap();
+            }
+            66..=71 if !files.is_empty() => {
+                let p = &files[rng.gen_range(0..files.len())];
+                setxattr(p, &format!("user.k{}", rng.gen_range(0..4)), &pattern(rng.r#gen(), rng.gen_range(0..300)));
+            }
+            72..=76 if !files.is_empty() => {
+                let p = &files[rng.gen_range(0..files.len())];
+                fs::set_permissions(p, fs::Permissions::from_mode(rng.gen_range(0o400..0o777))).unwrap();
+                let c = cpath(p);
+                // SAFETY: a valid path.
+                unsafe { libc::lchown(c.as_ptr(), rng.gen_range(0..3), rng.gen_range(0..3)) };
+            }
+            77..=83 => {
+                let d = name(&mut rng, &dirs);
+                fs::create_dir(&d).unwrap();
+                dirs.push(d);
+            }
+            84..=87 if dirs.len() > 2 => {
+                // Move a directory (not the root) under another one that is not inside it.
+                let i = rng.gen_range(1..dirs.len());
+                let to_parent = dirs[rng.gen_range(0..dirs.len())].clone();
+                if to_parent.starts_with(&dirs[i]) {
+                    continue;
+                }
+                let to = to_parent.join(format!("m{}", rng.r#gen::<u32>()));
+                fs::rename(&dirs[i], &to).unwrap();
+                let from = std::mem::replace(&mut dirs[i], to.clone());
+                for p in files.iter_mut().chain(dirs.iter_mut()) {
+                    if let Ok(rest) = p.strip_prefix(&from) {
+                        *p = to.join(rest);
+                    }
+                }
+            }
+            88..=93 if !files.is_empty() => {
+                // Unlink a file while it is open, then write to it: the data goes nowhere
+                // visible, and nothing of it may appear at a target.
+                let i = rng.gen_range(0..files.len());
+                let p = files.swap_remove(i);
+                let mut f = OpenOptions::new().write(true).open(&p).unwrap();
+                fs::remove_file(&p).unwrap();
+                f.seek(SeekFrom::Start(0)).unwrap();
+                f.write_all(&pattern(rng.r#gen(), 10_000)).unwrap();
+                files.retain(|q| q.exists());
+            }
+            94..=99 if dirs.len() > 1 => {
+                let i = rng.gen_range(1..dirs.len());
+                if fs::remove_dir(&dirs[i]).is_ok() {
+                    dirs.swap_remove(i);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn mount_with(targets: &[String], extra: &[&str]) -> Mount {
+    let mut args: Vec<String> = Vec::new();
+    for t in targets {
+        args.push("--target".into());
+        args.push(t.clone());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    Mount::start_with(&refs)
+}
+
+#[test]
+fn two_targets_equal_the_backing_directory_after_a_random_workload() {
+    let seed = seed();
+    eprintln!("FERRYFS_SEED={seed}");
+    let (t1, t2) = (TargetProc::start(&[]), TargetProc::start(&[]));
+    let m = mount_with(&[t1.url(), t2.url()], &[]);
+    random_workload(&m.mnt, seed, 600);
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&t1.dir, &t2.dir], CONVERGE);
+}
+
+#[test]
+fn a_backing_directory_with_data_gets_a_full_initial_sync_while_writes_go_on() {
+    let seed = seed();
+    let mut m = Mount::start();
+    random_workload(&m.mnt, seed, 300);
+    let t = TargetProc::start(&[]);
+    let url = t.url();
+    m.restart_with(&["--target", &url]);
+    // Writes go on during the initial sync.
+    random_workload(&m.mnt.join("."), seed ^ 1, 100);
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
+}
+
+#[test]
+fn a_target_killed_mid_stream_converges_after_restart() {
+    let mut t = TargetProc::start(&[]);
+    let m = mount_with(&[t.url()], &[]);
+    let mnt = m.mnt.clone();
+    let writer = std::thread::spawn(move || {
+        for i in 0..300 {
+            fs::write(mnt.join(format!("f{}", i % 50)), pattern(i, 20_000 + i as usize)).unwrap();
+            sleep(Duration::from_millis(5));
+        }
+    });
+    sleep(Duration::from_millis(600));
+    t.kill9();
+    sleep(Duration::from_millis(800));
+    t.restart();
+    writer.join().unwrap();
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
+}
+
+#[test]
+fn a_cut_with_a_primary_restart_resyncs_only_the_marked_blocks() {
+    let t = TargetProc::start(&[]);
+    let proxy = FaultProxy::start(t.addr);
+    let mut m = mount_with(&[proxy.url()], &["--commit-interval", "1s"]);
+    let big = m.mnt.join("big");
+    fs::write(&big, pattern(7, 16 << 20)).unwrap();
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
+
+    proxy.cut();
+    let f = OpenOptions::new().write(true).open(&big).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    for _ in 0..200 {
+        let block = rng.gen_range(0..4096u64);
+        f.write_all_at(&pattern(rng.r#gen(), 4096), block * 4096).unwrap();
+    }
+    drop(f);
+    sync_mount(&m);
+    m.kill9();
+    m.restart();
+    let st = status(&m.journal);
+    let dirty = st["targets"][0]["dirty_blocks"].as_u64().unwrap();
+    assert!(dirty > 0 && dirty <= 200, "dirty blocks after the restart: {dirty}\n{st:#}");
+    let before = proxy.bytes_to_upstream();
+    proxy.heal();
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
+    let sent = proxy.bytes_to_upstream() - before;
+    let bound = (dirty * 4096) as f64 * 1.1 + 64.0 * 1024.0;
+    assert!(
+        (sent as f64) <= bound,
+        "the resync sent {sent} bytes for {dirty} dirty blocks (bound {bound}: 1.1 × dirty bytes + 64 KiB framing)"
+    );
+}
+
+#[test]
+fn a_stalled_target_falls_back_when_the_journal_overflows_and_converges_after() {
+    let t = TargetProc::start(&[]);
+    let proxy = FaultProxy::start(t.addr);
+    let m = mount_with(&[proxy.url()], &["--journal-size", "1M", "--segment-size", "256K", "--commit-interval", "1s"]);
+    fs::write(m.mnt.join("first"), b"before the stall").unwrap();
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
+    proxy.blackhole();
+    let started = Instant::now();
+    for i in 0..40 {
+        let f = OpenOptions::new().create(true).write(true).truncate(true).open(m.mnt.join(format!("w{i}"))).unwrap();
+        f.write_all_at(&pattern(i, 256 << 10), 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(60), "writers were held up by the stalled target: {:?}", started.elapsed());
+    let st = status(&m.journal);
+    assert_ne!(st["targets"][0]["state"], "in-sync", "{st:#}");
+    proxy.heal();
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
+}
+
+#[test]
+fn the_status_table_and_json_show_journal_and_targets() {
+    let t = TargetProc::start(&[]);
+    let m = mount_with(&[t.url()], &[]);
+    fs::write(m.mnt.join("x"), b"x").unwrap();
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
+    let st = status(&m.journal);
+    for field in ["url", "state", "lag_records", "lag_bytes", "lag_seconds", "dirty_blocks", "bytes_sent", "last_error"] {
+        assert!(st["targets"][0].get(field).is_some(), "status lacks {field}: {st:#}");
+    }
+    assert!(st["journal"]["size_bytes"].as_u64().unwrap() > 0);
+    let out = common::ferryfs().arg("status").arg("--journal").arg(&m.journal).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&t.url()) && table.contains("in-sync"), "{table}");
+}
+
+#[test]
+fn a_target_directory_with_a_symlink_pointing_outside_is_never_written_through() {
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("keep"), b"untouched").unwrap();
+    let t = TargetProc::start(&[]);
+    std::os::unix::fs::symlink(outside.path(), t.dir.join("evil")).unwrap();
+    let m = mount_with(&[t.url()], &[]);
+    fs::create_dir(m.mnt.join("evil")).unwrap();
+    fs::write(m.mnt.join("evil/keep"), b"replicated").unwrap();
+    fs::write(m.mnt.join("evil/new"), b"replicated").unwrap();
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
+    assert_eq!(fs::read(outside.path().join("keep")).unwrap(), b"untouched");
+    assert!(!outside.path().join("new").exists());
+    assert!(tree_diff(&m.backing, &t.dir).is_empty());
+}
