@@ -43,6 +43,13 @@ pub struct Timestamp {
     pub nanos: u32,
 }
 
+impl Timestamp {
+    /// A record header's time (nanoseconds since the epoch).
+    pub fn from_ns(ns: u64) -> Timestamp {
+        Timestamp { secs: (ns / 1_000_000_000) as i64, nanos: (ns % 1_000_000_000) as u32 }
+    }
+}
+
 /// Attribute changes of one `setattr`; `None` leaves the attribute as it is (UTIME_OMIT).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SetAttr {
@@ -132,6 +139,22 @@ const ATTR_ATIME: u32 = 16;
 const ATTR_MTIME: u32 = 32;
 
 impl Op {
+    /// The objects whose mtime this op changes. ferryfs sets their mtime to the time in the
+    /// op's commit record, on the primary and at every target, so a mirror's times equal the
+    /// primary's instead of being the times the target applied the op.
+    pub fn mtime_ids(&self) -> Vec<FileId> {
+        match self {
+            Op::Create { parent, new_id, .. } => vec![*parent, *new_id],
+            Op::Link { new_parent, .. } => vec![*new_parent],
+            Op::Unlink { parent, .. } => vec![*parent],
+            Op::Rename { parent, new_parent, .. } if parent == new_parent => vec![*parent],
+            Op::Rename { parent, new_parent, .. } => vec![*parent, *new_parent],
+            Op::SetAttr { id, attr } if attr.size.is_some() && attr.mtime.is_none() => vec![*id],
+            Op::Fallocate { id, .. } => vec![*id],
+            Op::SetAttr { .. } | Op::SetXattr { .. } | Op::RemoveXattr { .. } => Vec::new(),
+        }
+    }
+
     /// The short name used by `ferryfs inspect`.
     pub fn name(&self) -> &'static str {
         match self {

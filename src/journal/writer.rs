@@ -186,6 +186,12 @@ impl<S: Storage> Journal<S> {
     /// Journals a data write as its own transaction (split into records of at most
     /// `WRITE_RECORD_DATA_MAX` bytes). The transaction stays in flight until `done`/`abort`.
     pub fn append_write(&self, file: FileId, offset: u64, data: &[u8]) -> Result<TxId, JournalError> {
+        self.append_write_stamped(file, offset, data).map(|(tx, _)| tx)
+    }
+
+    /// `append_write`, also returning the time stamped in its last record: the file's mtime
+    /// once the write is applied, on the primary and at every target (so they agree).
+    pub fn append_write_stamped(&self, file: FileId, offset: u64, data: &[u8]) -> Result<(TxId, u64), JournalError> {
         let max = self.write_chunk_max();
         let mut first: Option<TxId> = None;
         let mut at = 0usize;
@@ -193,11 +199,11 @@ impl<S: Storage> Journal<S> {
             let n = (data.len() - at).min(max);
             let prefix = record::write_prefix(file, offset + at as u64);
             let chunk = &data[at..at + n];
-            let lsn = self.append(Kind::Write, first, &[&prefix, chunk], first.is_none())?;
+            let (lsn, time) = self.append_stamped(Kind::Write, first, &[&prefix, chunk], first.is_none())?;
             first.get_or_insert(TxId(lsn.0));
             at += n;
             if at >= data.len() {
-                return Ok(first.unwrap());
+                return Ok((first.unwrap(), time));
             }
         }
     }
@@ -229,8 +235,10 @@ impl<S: Storage> Journal<S> {
 
     /// Records that `tx` was applied, leaving it in flight until `done` (the caller has more
     /// to do first that must precede shipping, such as marking sync maps).
-    pub fn append_commit(&self, tx: TxId) -> Result<Lsn, JournalError> {
-        self.append(Kind::Commit, Some(tx), &[], false)
+    /// Returns the commit's LSN and the time in its header, which is the mtime the op gives the
+    /// objects it changes (see `passthrough::Core`).
+    pub fn append_commit(&self, tx: TxId) -> Result<(Lsn, u64), JournalError> {
+        self.append_stamped(Kind::Commit, Some(tx), &[], false)
     }
 
     /// Records that `tx` failed with `errno`, leaving it in flight until `done`.
@@ -262,11 +270,22 @@ impl<S: Storage> Journal<S> {
 
     /// Appends one record; waits (bounded) for log space when the journal is full.
     fn append(&self, kind: Kind, tx: Option<TxId>, payload: &[&[u8]], inflight: bool) -> Result<Lsn, JournalError> {
+        self.append_stamped(kind, tx, payload, inflight).map(|(lsn, _)| lsn)
+    }
+
+    /// Appends one record; returns its LSN and the time stamped in its header.
+    fn append_stamped(
+        &self,
+        kind: Kind,
+        tx: Option<TxId>,
+        payload: &[&[u8]],
+        inflight: bool,
+    ) -> Result<(Lsn, u64), JournalError> {
         let wait = *self.full_wait.lock().unwrap();
         let deadline = Instant::now() + wait;
         loop {
             match self.try_append(kind, tx, payload, inflight)? {
-                Some(lsn) => return Ok(lsn),
+                Some(stamped) => return Ok(stamped),
                 None if Instant::now() < deadline => self.make_room()?,
                 None => {
                     return Err(JournalError::Full(format!(
@@ -285,7 +304,7 @@ impl<S: Storage> Journal<S> {
         tx: Option<TxId>,
         payload: &[&[u8]],
         inflight: bool,
-    ) -> Result<Option<Lsn>, JournalError> {
+    ) -> Result<Option<(Lsn, u64)>, JournalError> {
         let payload_len: usize = payload.iter().map(|p| p.len()).sum();
         let len = record::record_len(payload_len) as u64;
         let mut st = self.state.lock().unwrap();
@@ -298,6 +317,7 @@ impl<S: Storage> Journal<S> {
             st.pos = Position { seq: next, offset: SEGMENT_HEADER_SIZE as u64 };
         }
         let lsn = st.next_lsn;
+        let time_ns = now_ns();
         let header = Header {
             kind,
             lsn,
@@ -306,7 +326,7 @@ impl<S: Storage> Journal<S> {
             crc: 0,
             set_id: self.set_id,
             epoch: self.epoch,
-            time_ns: now_ns(),
+            time_ns,
         };
         let hdr = record::encode_header(header, payload);
         let pad = [0u8; record::RECORD_ALIGN];
@@ -328,7 +348,7 @@ impl<S: Storage> Journal<S> {
         st.pos.offset += len;
         st.next_lsn = lsn.next();
         st.bytes_appended += len;
-        Ok(Some(lsn))
+        Ok(Some((lsn, time_ns)))
     }
 
     /// Appends records that another node journaled, byte for byte (a mirror target's or a

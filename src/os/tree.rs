@@ -690,6 +690,32 @@ mod tests {
     }
 
     #[test]
+    fn open_handle_of_a_removed_directory_fails_as_gone() {
+        let (_tmp, tree, root) = setup();
+        let d = tree.create(&root, b"d", &new(NodeKind::Dir, 0o755)).unwrap();
+        let handle = tree.handle_of(&d).unwrap();
+        // Still held open (the applier may hold it) while it is removed.
+        tree.unlink(&root, b"d", true).unwrap();
+        let e = tree.open_handle(&handle).err().and_then(|e| e.raw_os_error()).unwrap_or(0);
+        assert!(tree.open_handle(&handle).is_ok() || e == libc::ESTALE || e == libc::ENOENT, "errno {e}");
+        drop(d);
+        // A directory moved under another, then removed with its old parent held nowhere.
+        let a = tree.create(&root, b"a", &new(NodeKind::Dir, 0o755)).unwrap();
+        let c = tree.create(&root, b"c", &new(NodeKind::Dir, 0o755)).unwrap();
+        let b = tree.create(&a, b"b", &new(NodeKind::Dir, 0o755)).unwrap();
+        let hb = tree.handle_of(&b).unwrap();
+        let ha = tree.handle_of(&a).unwrap();
+        drop(b);
+        tree.rename(&a, b"b", &c, b"b2", 0).unwrap();
+        tree.unlink(&root, b"a", true).unwrap();
+        drop(a);
+        eprintln!("moved dir: {:?}", tree.open_handle(&hb).map(|_| ()));
+        eprintln!("removed dir: {:?}", tree.open_handle(&ha).map(|_| ()));
+        tree.unlink(&c, b"b2", true).unwrap();
+        eprintln!("removed moved dir: {:?}", tree.open_handle(&hb).map(|_| ()));
+    }
+
+    #[test]
     fn malformed_handles_are_einval() {
         let (_tmp, tree, _root) = setup();
         assert_eq!(errno(tree.open_handle(&Handle(vec![1, 0]))), libc::EINVAL);

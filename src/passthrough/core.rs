@@ -110,12 +110,27 @@ impl<S: Storage, T: Tree> Core<S, T> {
     /// Ends op `tx` with a commit, marking the sync maps in between.
     fn commit(&self, tx: TxId, op: &Op) -> R<()> {
         let r = self.journal.append_commit(tx);
-        if let (Ok(lsn), Some(m)) = (&r, self.marks.get()) {
-            m.op(*lsn, op);
+        if let Ok((lsn, time)) = &r {
+            if let Some(m) = self.marks.get() {
+                m.op(*lsn, op);
+            }
+            for id in op.mtime_ids() {
+                self.set_mtime(id, *time);
+            }
         }
         self.journal.done(tx);
         r?;
         Ok(())
+    }
+
+    /// Gives `id` the mtime `time_ns` (a record's time), as every target will: see
+    /// `Op::mtime_ids`. A failure costs only an mtime: logged, not returned.
+    fn set_mtime(&self, id: FileId, time_ns: u64) {
+        let attr = SetAttr { mtime: Some(crate::format::ops::Timestamp::from_ns(time_ns)), ..Default::default() };
+        let r = self.node(id).map_err(|e| io::Error::from_raw_os_error(e.0)).and_then(|n| self.tree.set_attr(&n, &attr));
+        if let Err(e) = r {
+            tracing::debug!("setting the mtime of {id}: {e}");
+        }
     }
 
     /// Ends `tx` with an abort; its locations are marked too (a target that got its intent
@@ -358,7 +373,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
     /// fd, which must write everything or fail). An `Abort` follows a failed write.
     pub fn write(&self, id: FileId, offset: u64, data: &[u8], apply: impl FnOnce() -> io::Result<()>) -> R<TxId> {
         let _f = self.file_lock(id);
-        let tx = self.journal.append_write(id, offset, data)?;
+        let (tx, time) = self.journal.append_write_stamped(id, offset, data)?;
         let len = data.len() as u64;
         if let Some(m) = self.marks.get() {
             // At or past the write's last record (its chunks may interleave with others).
@@ -366,6 +381,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         }
         match apply() {
             Ok(()) => {
+                self.set_mtime(id, time);
                 self.journal.done(tx);
                 Ok(tx)
             }

@@ -613,6 +613,15 @@ impl<T: Tree> Applier<T> {
                 self.ids.remove(&id);
                 return Ok(None);
             }
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                // Seen on this kernel for handles of objects moved and removed under load:
+                // the handle is no way in, but the object may still exist. Tags keep the
+                // search safe: look again by name (hints) or by a scan.
+                tracing::debug!("opening {id} by handle: {e}; searching for it instead");
+                self.ids.remove(&id);
+                self.complete = false;
+                return Ok(None);
+            }
             Err(e) => return Err(on_err(|| format!("opening {id}"))(e)),
         };
         if self.tag_of(&node)? != Some(id) {
@@ -631,7 +640,7 @@ impl<T: Tree> Applier<T> {
                 Err(e) if is_gone(&e) => None,
                 Err(e) => return Err(on_err(|| format!("looking up {id}"))(e)),
             },
-            Err(e) if is_gone(&e) => None,
+            Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENOMEM) => None,
             Err(e) => return Err(on_err(|| format!("looking up {id}"))(e)),
         };
         match found {

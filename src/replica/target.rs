@@ -94,6 +94,8 @@ struct ApplyState {
     limit: Lsn,
     /// Aborted transactions at or past the cursor.
     aborted: BTreeSet<u64>,
+    /// Ops applied whose commit is still to come: the objects it gives the commit's time.
+    awaiting_commit: std::collections::BTreeMap<u64, Vec<FileId>>,
 }
 
 struct Staging {
@@ -180,6 +182,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                 settled: VecDeque::new(),
                 limit: sb.start_lsn,
                 aborted: BTreeSet::new(),
+                awaiting_commit: Default::default(),
             }),
             applied_next,
             staging: Mutex::new(None),
@@ -207,10 +210,11 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
     /// Appends a Records frame's body to the log and makes it durable; returns the LSN to ack
     /// (every record up to it is durable here).
     pub fn receive(&self, body: &[u8]) -> Result<Lsn, TargetError> {
-        let aborts = aborts_in(body);
+        // Known before the records are: the apply thread may go past them as soon as they
+        // are appended, and must not apply an aborted transaction.
+        self.apply.lock().unwrap().aborted.extend(aborts_in(body));
         self.journal.append_raw(body)?;
         let next = self.journal.sync()?;
-        self.apply.lock().unwrap().aborted.extend(aborts);
         self.counters.bytes_received.fetch_add(body.len() as u64, Ordering::Relaxed);
         Ok(Lsn(next.0 - 1))
     }
@@ -253,7 +257,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                     .map_err(|e| TargetError::Protocol(format!("own log record: {e}")))?;
                 let payload = &buf[at + HEADER_SIZE..at + HEADER_SIZE + h.payload_len as usize];
                 if !st.aborted.contains(&h.txid.0) {
-                    self.apply_record(h.kind, payload)?;
+                    self.apply_record(st, &h, payload)?;
                 }
                 at += record::record_len(h.payload_len as usize);
                 st.cursor.next = h.lsn.next();
@@ -261,25 +265,39 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             }
             st.cursor = cur;
             let below = st.cursor.next.0;
-            st.aborted = st.aborted.split_off(&below.saturating_sub(1 << 20));
+            let keep = below.saturating_sub(1 << 20);
+            st.aborted = st.aborted.split_off(&keep);
+            st.awaiting_commit = st.awaiting_commit.split_off(&keep);
             self.applied_next.store(below, Ordering::Release);
         }
         self.counters.records_applied.fetch_add(done, Ordering::Relaxed);
         Ok(done)
     }
 
-    fn apply_record(&self, kind: Kind, payload: &[u8]) -> Result<(), TargetError> {
+    fn apply_record(&self, st: &mut ApplyState, h: &record::Header, payload: &[u8]) -> Result<(), TargetError> {
         let mut a = self.applier.lock().unwrap();
-        let r = match kind {
+        let r = match h.kind {
             Kind::Write => {
                 let (file, offset, data) = record::decode_write(payload)
                     .map_err(|e| TargetError::Protocol(format!("a write record does not decode: {e}")))?;
-                a.apply_write(file, offset, data)
+                let r = a.apply_write(file, offset, data);
+                if matches!(r, Ok(Applied::Done)) {
+                    // The primary gave the file this mtime (`Core::write`).
+                    self.note(a.apply_op(&mtime_op(file, h.time_ns)))?;
+                }
+                r
             }
             Kind::Op => {
-                let op = Op::decode(payload)
-                    .map_err(|e| TargetError::Protocol(format!("an op record does not decode: {e}")))?;
-                a.apply_op(&op)
+                let op = Op::decode(payload).map_err(|e| TargetError::Protocol(format!("an op record does not decode: {e}")))?;
+                let r = a.apply_op(&op);
+                st.awaiting_commit.insert(h.txid.0, op.mtime_ids());
+                r
+            }
+            Kind::Commit => {
+                for id in st.awaiting_commit.remove(&h.txid.0).unwrap_or_default() {
+                    self.note(a.apply_op(&mtime_op(id, h.time_ns)))?;
+                }
+                return Ok(());
             }
             _ => return Ok(()),
         };
@@ -449,6 +467,15 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         }
         Ok(())
     }
+}
+
+/// "Set the mtime of `id` to `time_ns`", as the primary did (`Op::mtime_ids`).
+fn mtime_op(id: FileId, time_ns: u64) -> Op {
+    let attr = crate::format::ops::SetAttr {
+        mtime: Some(crate::format::ops::Timestamp::from_ns(time_ns)),
+        ..Default::default()
+    };
+    Op::SetAttr { id, attr }
 }
 
 /// The transaction ids that Abort records in `body` end.

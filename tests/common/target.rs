@@ -130,6 +130,9 @@ impl TargetProc {
 impl Drop for TargetProc {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- target output ({}) ----\n{}\n---- end ----", self.log.display(), self.log());
+        }
     }
 }
 
