@@ -109,6 +109,16 @@ impl<S: Storage> Journal<S> {
         })
     }
 
+    /// The first LSN past the oldest live segment: a replica whose floor lies below it keeps
+    /// that whole segment from reuse.
+    pub fn oldest_segment_end(&self) -> Lsn {
+        let (start, _, end, next) = self.live();
+        if start.seq == end.seq {
+            return next;
+        }
+        self.segment_first(start.seq + 1).ok().flatten().unwrap_or(next)
+    }
+
     /// Bytes of the live log (from its start to its end), segment tails counted.
     pub fn bytes_appended_since_start(&self) -> u64 {
         let (start, _, end, _) = self.live();

@@ -491,7 +491,7 @@ impl<S: Storage> Journal<S> {
         self.checkpoint()?;
         if self.superblock().start_lsn == before {
             if let Some(r) = self.retention.get()
-                && r.floor().is_some_and(|f| f <= before)
+                && r.floor().is_some_and(|f| f < self.oldest_segment_end())
             {
                 // A lagging replica holds the full log: it falls back (never a writer waiting
                 // for a target that may be gone for days).

@@ -293,9 +293,13 @@ impl<S: Storage> Retention for Hub<S> {
     /// The journal is full and a target holds it: that target falls back (never a writer
     /// blocked for a target that may stay away for days), and resyncs from its map later.
     fn release(&self) {
-        let start = self.journal.superblock().start_lsn;
+        // A map written now no longer holds the log: only a real laggard is let go.
+        if let Err(e) = self.persist() {
+            tracing::error!("{e}");
+        }
+        let needed = self.journal.oldest_segment_end();
         for link in &self.links {
-            if link.floor() <= start {
+            if link.floor() < needed {
                 {
                     let mut st = link.lock();
                     st.released = true;
