@@ -167,7 +167,8 @@ fn a_backing_directory_with_data_gets_a_full_initial_sync_while_writes_go_on() {
     let url = t.url();
     m.restart_with(&["--target", &url]);
     // Writes go on during the initial sync.
-    random_workload(&m.mnt.join("."), seed ^ 1, 100);
+    fs::create_dir(m.mnt.join("during")).unwrap();
+    random_workload(&m.mnt.join("during"), seed ^ 1, 100);
     sync_mount(&m);
     wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
 }

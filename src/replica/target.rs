@@ -210,6 +210,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
     /// Appends a Records frame's body to the log and makes it durable; returns the LSN to ack
     /// (every record up to it is durable here).
     pub fn receive(&self, body: &[u8]) -> Result<Lsn, TargetError> {
+        check_payloads(body)?;
         // Known before the records are: the apply thread may go past them as soon as they
         // are appended, and must not apply an aborted transaction.
         self.apply.lock().unwrap().aborted.extend(aborts_in(body));
@@ -396,6 +397,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         let mut r = BufReader::with_capacity(1 << 20, File::open(&path).map_err(io_err("opening the staging file"))?);
         let mut head = [0u8; 8];
         let mut parts = Vec::new();
+        let mut root_node = None;
         loop {
             match r.read_exact(&mut head) {
                 Ok(()) => {}
@@ -419,13 +421,25 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                         }
                         a.apply_entries(FileId(dir), std::mem::take(&mut parts).as_slice())
                     }
-                    StagedItem::Node(n) => a.apply_node(&n),
+                    StagedItem::Node(n) => {
+                        if n.id == FileId::ROOT.0 {
+                            root_node = Some(n.clone());
+                        }
+                        a.apply_node(&n)
+                    }
                     StagedItem::Data { file, offset, data } => a.apply_write(FileId(file), offset, &data),
                 }
             };
             self.note(r)?;
         }
-        self.applier.lock().unwrap().finish_resync()?;
+        {
+            let mut a = self.applier.lock().unwrap();
+            a.finish_resync()?;
+            // Emptying the stash changed the root's mtime after its node was applied.
+            if let Some(n) = root_node {
+                self.note(a.apply_node(&n))?;
+            }
+        }
         let next_file_id = {
             let a = self.applier.lock().unwrap();
             a.tree().sync_all().map_err(io_err("syncing the target directory"))?;
@@ -476,6 +490,29 @@ fn mtime_op(id: FileId, time_ns: u64) -> Op {
         ..Default::default()
     };
     Op::SetAttr { id, attr }
+}
+
+/// Refuses a frame with a write or op record whose payload does not decode (a name that is
+/// not a single component, a bad length…) before anything of it is kept: such a record could
+/// never be applied, and would stop the target's apply at it for ever.
+fn check_payloads(body: &[u8]) -> Result<(), TargetError> {
+    let mut at = 0;
+    while at + HEADER_SIZE <= body.len() {
+        let h = record::decode_header(&body[at..], body.len() - at)
+            .map_err(|e| TargetError::Protocol(format!("received record at byte {at}: {e}")))?;
+        let end = at + HEADER_SIZE + h.payload_len as usize;
+        let payload = body
+            .get(at + HEADER_SIZE..end)
+            .ok_or_else(|| TargetError::Protocol(format!("received record {} is cut short", h.lsn.0)))?;
+        let bad = |e: String| TargetError::Protocol(format!("received record {} refused: {e}", h.lsn.0));
+        match h.kind {
+            Kind::Write => drop(record::decode_write(payload).map_err(|e| bad(e.to_string()))?),
+            Kind::Op => drop(Op::decode(payload).map_err(|e| bad(e.to_string()))?),
+            _ => {}
+        }
+        at += record::record_len(h.payload_len as usize);
+    }
+    Ok(())
 }
 
 /// The transaction ids that Abort records in `body` end.

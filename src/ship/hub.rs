@@ -58,6 +58,8 @@ pub struct LinkInner {
     /// The journal overflowed while this target held it: the shipper must drop ordered
     /// shipping and resync from the map.
     pub released: bool,
+    /// When the map file was last written.
+    pub persisted_at: Instant,
 }
 
 pub struct Link {
@@ -217,6 +219,7 @@ impl<S: Storage> Hub<S> {
                         reconnects: 0,
                         last_error: None,
                         released: false,
+                        persisted_at: Instant::now(),
                     }),
                     wake: Condvar::new(),
                 })
@@ -231,14 +234,16 @@ impl<S: Storage> Hub<S> {
 
     /// Writes every map whose marks changed since it was last written (000:12).
     pub fn persist(&self) -> Result<(), String> {
-        let _one = self.persist_lock.lock().unwrap();
         for link in &self.links {
             self.persist_link(link)?;
         }
         Ok(())
     }
 
+    /// Writes `link`'s map file. One writer at a time: the file is replaced through one
+    /// temporary name.
     pub fn persist_link(&self, link: &Link) -> Result<(), String> {
+        let _one = self.persist_lock.lock().unwrap();
         let (upto, bytes) = {
             let st = link.lock();
             // Every transaction below `upto` has ended, so its marks are in the map now.
@@ -251,7 +256,21 @@ impl<S: Storage> Hub<S> {
             .map_err(|e| format!("writing the sync map of {} ({}): {e}", link.url, link.map_file))?;
         let mut st = link.lock();
         st.persisted_upto = st.persisted_upto.max(upto);
+        st.persisted_at = Instant::now();
         Ok(())
+    }
+
+    /// Whether `link`'s map should be written now (see `ship::PERSIST_EVERY`).
+    pub fn persist_due(&self, link: &Link) -> bool {
+        let st = link.lock();
+        let behind_acks = matches!(st.map.mode(), Mode::Ordered { acked_below } if acked_below > st.persisted_upto);
+        let age = st.persisted_at.elapsed();
+        age >= super::PERSIST_EVERY || (behind_acks && age >= super::PERSIST_AFTER_ACKS)
+    }
+
+    /// How long ago `link`'s map was last written.
+    pub fn since_persist(&self, link: &Link) -> std::time::Duration {
+        link.lock().persisted_at.elapsed()
     }
 
     /// 000:12: ordered shipping to `link` stops; its map alone says what it lacks.

@@ -17,8 +17,11 @@ use session::Connector;
 use shipper::Shipper;
 use source::Source;
 
-/// How often the sync maps are written (each write lets the journal free what they cover).
+/// How often a sync map is written at least (each write lets the journal free what it covers).
 pub const PERSIST_EVERY: Duration = Duration::from_secs(2);
+/// How soon a map is written once acks have passed what its file covers: a crash of the
+/// primary then re-marks only what was journaled since, not what the target already has.
+pub const PERSIST_AFTER_ACKS: Duration = Duration::from_millis(200);
 
 /// Running replication: one shipper per target and the timer that persists the maps.
 pub struct Replication<S: Storage> {
@@ -43,11 +46,13 @@ impl<S: Storage> Replication<S> {
                 .name("syncmap-persist".into())
                 .spawn(move || {
                     while !st.load(Ordering::Acquire) {
-                        std::thread::sleep(Duration::from_millis(100));
-                        if h.started.elapsed().as_millis() % PERSIST_EVERY.as_millis() < 100
-                            && let Err(e) = h.persist()
-                        {
-                            tracing::error!("{e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                        for link in &h.links {
+                            if h.persist_due(link)
+                                && let Err(e) = h.persist_link(link)
+                            {
+                                tracing::error!("{e}");
+                            }
                         }
                     }
                 })

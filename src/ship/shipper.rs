@@ -63,6 +63,10 @@ impl<S: Storage> Shipper<S> {
                 Ok(()) => return,
                 Err(why) => why,
             };
+            // 000:12: acks stopped; the map goes to disk now, not at the next timer.
+            if let Err(e) = self.hub.persist_link(&self.link) {
+                tracing::error!("{e}");
+            }
             {
                 let mut st = self.link.lock();
                 if st.last_error.as_deref() != Some(&why) {
@@ -181,7 +185,9 @@ impl<S: Storage> Shipper<S> {
         for (id, ranges) in &files {
             self.send_data(s, *id, ranges)?;
         }
-        for id in dirs.iter().chain(files.iter().map(|(id, _)| id)).chain(others.iter()) {
+        // The root always: emptying the target's stash at the end changes its mtime.
+        let root = (!dirs.contains(&FileId::ROOT)).then_some(FileId::ROOT);
+        for id in dirs.iter().chain(files.iter().map(|(id, _)| id)).chain(others.iter()).chain(root.iter()) {
             match src.describe(*id) {
                 Ok(node) => {
                     self.count_resync(64 + node.xattrs.iter().map(|(a, b)| a.len() + b.len()).sum::<usize>());
