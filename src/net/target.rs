@@ -19,13 +19,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::conn::{instance_id, nonce};
-use crate::journal::{JournalGeometry, Settled};
+use crate::journal::JournalGeometry;
 use crate::os::storage::DirStorage;
 use crate::os::tree::OsTree;
 use crate::proto::wire::control::ControlMsg;
 use crate::proto::wire::{Frame, FrameDecoder, FrameEncoder, Handshake, HandshakeConfig, Key, Role};
-use crate::replica::target::{StagedItem, TargetCore};
-use crate::types::Lsn;
+use crate::replica::target::{FrameHandler, TargetCore};
 
 /// A primary that sends nothing (not even a heartbeat) for this long is taken for gone.
 pub const PEER_SILENCE_MAX: Duration = Duration::from_secs(5);
@@ -217,17 +216,11 @@ impl Target {
         core: Arc<Core>,
         conn: u64,
     ) -> Result<(), String> {
-        let p = core.position();
-        out.send(sock, &Frame::Control(ControlMsg::Status {
-            next_lsn: p.next_lsn,
-            durable_lsn: p.durable_next.saturating_sub(1),
-            applied_lsn: p.applied_next.saturating_sub(1),
-        }))
-        .await?;
+        out.send(sock, &Frame::Control(core.status_msg())).await?;
         let mut dec = FrameDecoder::new();
         dec.push(&leftover);
         let mut buf = vec![0u8; 1 << 20];
-        let mut entries_dir: Option<u64> = None;
+        let handler = Arc::new(Mutex::new(FrameHandler::new()));
         loop {
             let frame = loop {
                 match dec.next_frame() {
@@ -247,67 +240,18 @@ impl Target {
             if !self.heard(conn) || self.stop.load(Ordering::Acquire) {
                 return Err("replaced by a newer primary connection, or stopping".into());
             }
-            match frame {
-                Frame::Records(body) => {
-                    let c = core.clone();
-                    let acked = blocking(move || c.receive(&body)).await?;
-                    out.send(sock, &Frame::Ack(acked)).await?;
-                }
-                Frame::Heartbeat => out.send(sock, &Frame::Heartbeat).await?,
-                Frame::Ack(_) => return Err("a primary sent an ack".into()),
-                Frame::Data { file, offset, data } => {
-                    let c = core.clone();
-                    blocking(move || c.resync_item(&StagedItem::Data { file, offset, data })).await?;
-                }
-                Frame::Control(msg) => {
-                    if let Some(reply) = self.control(&core, msg, &mut entries_dir).await? {
-                        out.send(sock, &Frame::Control(reply)).await?;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn control(&self, core: &Arc<Core>, msg: ControlMsg, entries_dir: &mut Option<u64>) -> Result<Option<ControlMsg>, String> {
-        let c = core.clone();
-        match msg {
-            ControlMsg::Settled { settled_below, records_below } => {
-                core.settled(Settled { settled_below: Lsn(settled_below), records_below: Lsn(records_below) });
-                Ok(None)
-            }
-            ControlMsg::ResyncBegin { plan, resume_lsn, full } => {
-                tracing::info!("resync {plan} begins (full: {full}); the log continues at {resume_lsn} after it");
+            let resync_end = matches!(frame, Frame::Control(ControlMsg::ResyncEnd { .. }));
+            if let Frame::Control(ControlMsg::ResyncBegin { full, .. }) = &frame {
                 eprintln!("ferryfs target: resync begins (full: {full})");
-                blocking(move || c.resync_begin(plan, resume_lsn)).await?;
-                Ok(None)
             }
-            ControlMsg::ResyncEntries { dir, entries, last } => {
-                if entries_dir.is_some_and(|d| d != dir) {
-                    return Err(format!("entries of directory {dir} began before those of {} ended", entries_dir.unwrap()));
-                }
-                *entries_dir = if last { None } else { Some(dir) };
-                blocking(move || c.resync_item(&StagedItem::Entries { dir, entries, last })).await?;
-                Ok(None)
-            }
-            ControlMsg::ResyncNode { node } => {
-                blocking(move || c.resync_item(&StagedItem::Node(node))).await?;
-                Ok(None)
-            }
-            ControlMsg::ResyncEnd { plan } => {
-                blocking(move || c.resync_end(plan)).await?;
+            let (c, h) = (core.clone(), handler.clone());
+            let replies = blocking(move || h.lock().unwrap().handle(&c, frame)).await?;
+            if resync_end {
                 eprintln!("ferryfs target: resync applied");
-                Ok(Some(ControlMsg::ResyncDone { plan }))
             }
-            ControlMsg::StatusRequest => {
-                let p = core.position();
-                Ok(Some(ControlMsg::Status {
-                    next_lsn: p.next_lsn,
-                    durable_lsn: p.durable_next.saturating_sub(1),
-                    applied_lsn: p.applied_next.saturating_sub(1),
-                }))
+            for r in replies {
+                out.send(sock, &r).await?;
             }
-            ControlMsg::Bye { reason } => Err(format!("the primary said goodbye: {reason}")),
-            other => Err(format!("unexpected control message from a primary: {other:?}")),
         }
     }
 

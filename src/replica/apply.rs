@@ -188,6 +188,12 @@ impl<T: Tree> Applier<T> {
             // Made before a crash and moved by a later record, which will move it again.
             return Ok(Applied::Already);
         }
+        tracing::trace!(
+            "create {new_id}: not found (complete {}, created mark {:?}, ids {})",
+            self.complete,
+            self.created_mark,
+            self.ids.len()
+        );
         self.make(&dir, name, new_id, new)?;
         Ok(Applied::Done)
     }

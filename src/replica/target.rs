@@ -96,6 +96,12 @@ struct ApplyState {
     aborted: BTreeSet<u64>,
     /// Ops applied whose commit is still to come: the objects it gives the commit's time.
     awaiting_commit: std::collections::BTreeMap<u64, Vec<FileId>>,
+    /// The LSN of the last namespace op applied, as the target directory's own applied marker
+    /// records it (`Tree::applied_marker`, as on the primary). After a crash the target
+    /// re-applies from its checkpoint; namespace ops up to the marker are in the tree and are
+    /// not redone (their checks would judge them against a tree later ops changed). Writes
+    /// and attribute changes are idempotent and are redone.
+    marker: u64,
 }
 
 struct Staging {
@@ -160,6 +166,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
 
     fn assemble(journal: Journal<S>, ids: IdSnapshot, tree: T, state_dir: &Path) -> Result<Self, TargetError> {
         let sb = journal.superblock();
+        let marker = tree.applied_marker(&sb.set_id).map_err(io_err("reading the applied marker"))?;
         let applier = Arc::new(Mutex::new(Applier::new(tree, sb.set_id, ids)));
         let applied_next = Arc::new(AtomicU64::new(sb.start_lsn.0));
         journal.set_retention(Arc::new(ApplyFloor(applied_next.clone())));
@@ -183,6 +190,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                 limit: sb.start_lsn,
                 aborted: BTreeSet::new(),
                 awaiting_commit: Default::default(),
+                marker,
             }),
             applied_next,
             staging: Mutex::new(None),
@@ -197,6 +205,16 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
 
     pub fn journal(&self) -> &Journal<S> {
         &self.journal
+    }
+
+    /// The Status message a target opens each connection with.
+    pub fn status_msg(&self) -> ControlMsg {
+        let p = self.position();
+        ControlMsg::Status {
+            next_lsn: p.next_lsn,
+            durable_lsn: p.durable_next.saturating_sub(1),
+            applied_lsn: p.applied_next.saturating_sub(1),
+        }
     }
 
     pub fn position(&self) -> TargetPosition {
@@ -218,6 +236,12 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         let next = self.journal.sync()?;
         self.counters.bytes_received.fetch_add(body.len() as u64, Ordering::Relaxed);
         Ok(Lsn(next.0 - 1))
+    }
+
+    /// Where applying stands, for diagnostics: cursor, usable limit, queued notices.
+    pub fn apply_state(&self) -> String {
+        let st = self.apply.lock().unwrap();
+        format!("cursor {} limit {} marker {} notices {:?}", st.cursor.next.0, st.limit.0, st.marker, st.settled)
     }
 
     /// Takes a Settled notice from the primary.
@@ -290,7 +314,22 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             }
             Kind::Op => {
                 let op = Op::decode(payload).map_err(|e| TargetError::Protocol(format!("an op record does not decode: {e}")))?;
-                let r = a.apply_op(&op);
+                let namespace = matches!(op, Op::Create { .. } | Op::Link { .. } | Op::Unlink { .. } | Op::Rename { .. });
+                let r = if namespace && h.lsn.0 <= st.marker {
+                    // In the tree already (see `ApplyState::marker`): judging it again against
+                    // a tree that later ops changed could undo or double them.
+                    Ok(Applied::Already)
+                } else {
+                    let r = a.apply_op(&op);
+                    if namespace && r.is_ok() {
+                        a.tree()
+                            .set_applied_marker(&self.set_id(), h.lsn.0)
+                            .map_err(|e| TargetError::Io { what: "recording the applied marker".into(), source: e })?;
+                        st.marker = h.lsn.0;
+                    }
+                    r
+                };
+                tracing::trace!("apply lsn {} {op:?}: {:?}", h.lsn.0, r.as_ref().map(|a| format!("{a:?}")));
                 st.awaiting_commit.insert(h.txid.0, op.mtime_ids());
                 r
             }
@@ -450,6 +489,15 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                 .map_err(io_err("writing the id table"))?;
             snap.next_file_id
         };
+        // The staged state is the primary's as read after `resume`'s predecessors; ops from
+        // `resume` on come again and must all be judged afresh.
+        self.applier
+            .lock()
+            .unwrap()
+            .tree()
+            .set_applied_marker(&self.set_id(), resume.saturating_sub(1))
+            .map_err(io_err("resetting the applied marker"))?;
+        self.apply.lock().unwrap().marker = resume.saturating_sub(1);
         self.journal.restart_at(Lsn(resume), next_file_id)?;
         {
             let mut st = self.apply.lock().unwrap();
@@ -480,6 +528,79 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             st.aborted.extend(aborts);
         }
         Ok(())
+    }
+}
+
+/// What a target does with one frame from its primary, whatever carries it (tokio in
+/// `net::target`, a local call for `--target DIR`, the simulated network): the replies to
+/// send back. An error closes the connection; nothing of the frame was kept.
+pub struct FrameHandler {
+    /// A directory's entries come in parts; no other directory's may begin meanwhile.
+    entries_dir: Option<u64>,
+}
+
+impl Default for FrameHandler {
+    fn default() -> Self {
+        FrameHandler::new()
+    }
+}
+
+impl FrameHandler {
+    pub fn new() -> FrameHandler {
+        FrameHandler { entries_dir: None }
+    }
+
+    pub fn handle<S: Storage, T: Tree>(
+        &mut self,
+        core: &TargetCore<S, T>,
+        frame: crate::proto::wire::Frame,
+    ) -> Result<Vec<crate::proto::wire::Frame>, String> {
+        use crate::proto::wire::Frame;
+        let e = |e: TargetError| e.to_string();
+        match frame {
+            Frame::Records(body) => Ok(vec![Frame::Ack(core.receive(&body).map_err(e)?)]),
+            Frame::Heartbeat => Ok(vec![Frame::Heartbeat]),
+            Frame::Ack(_) => Err("a primary sent an ack".into()),
+            Frame::Data { file, offset, data } => {
+                core.resync_item(&StagedItem::Data { file, offset, data }).map_err(e)?;
+                Ok(Vec::new())
+            }
+            Frame::Control(msg) => self.control(core, msg).map(|r| r.into_iter().map(Frame::Control).collect()),
+        }
+    }
+
+    fn control<S: Storage, T: Tree>(&mut self, core: &TargetCore<S, T>, msg: ControlMsg) -> Result<Option<ControlMsg>, String> {
+        let e = |e: TargetError| e.to_string();
+        match msg {
+            ControlMsg::Settled { settled_below, records_below } => {
+                core.settled(Settled { settled_below: Lsn(settled_below), records_below: Lsn(records_below) });
+                Ok(None)
+            }
+            ControlMsg::ResyncBegin { plan, resume_lsn, full } => {
+                tracing::info!("resync {plan} begins (full: {full}); the log continues at {resume_lsn} after it");
+                core.resync_begin(plan, resume_lsn).map_err(e)?;
+                Ok(None)
+            }
+            ControlMsg::ResyncEntries { dir, entries, last } => {
+                if let Some(d) = self.entries_dir.filter(|d| *d != dir) {
+                    return Err(format!("entries of directory {dir} began before those of {d} ended"));
+                }
+                self.entries_dir = if last { None } else { Some(dir) };
+                core.resync_item(&StagedItem::Entries { dir, entries, last }).map_err(e)?;
+                Ok(None)
+            }
+            ControlMsg::ResyncNode { node } => {
+                core.resync_item(&StagedItem::Node(node)).map_err(e)?;
+                Ok(None)
+            }
+            ControlMsg::ResyncEnd { plan } => {
+                core.resync_end(plan).map_err(e)?;
+                Ok(Some(ControlMsg::ResyncDone { plan }))
+            }
+            ControlMsg::StatusRequest => Ok(Some(core.status_msg())),
+            ControlMsg::Bye { reason } => Err(format!("the primary said goodbye: {reason}")),
+            other => Err(format!("unexpected control message from a primary: {other:?}")),
+        }
     }
 }
 

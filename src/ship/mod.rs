@@ -36,7 +36,13 @@ impl<S: Storage> Replication<S> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for (link, connector) in hub.links.iter().zip(connectors) {
-            let shipper = Shipper { hub: hub.clone(), link: link.clone(), source: source.clone(), stop: stop.clone() };
+            let shipper = Shipper {
+                hub: hub.clone(),
+                link: link.clone(),
+                source: source.clone(),
+                stop: stop.clone(),
+                timing: shipper::Timing::default(),
+            };
             let name = format!("ship-{}", link.url.chars().rev().take(8).collect::<String>().chars().rev().collect::<String>());
             threads.push(std::thread::Builder::new().name(name).spawn(move || shipper.run(connector)).expect("spawning a shipper"));
         }

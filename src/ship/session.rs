@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use crate::journal::{JournalGeometry, Settled};
+use crate::journal::JournalGeometry;
 use crate::net::conn::{self, NetError, Writer};
 use crate::os::storage::DirStorage;
 use crate::os::tree::OsTree;
 use crate::proto::wire::control::ControlMsg;
 use crate::proto::wire::{Frame, HandshakeConfig, Key, Role};
-use crate::replica::target::{StagedItem, TargetCore, TargetPosition};
+use crate::replica::target::{FrameHandler, TargetCore, TargetPosition};
 use crate::types::Lsn;
 
 /// What the target sent back.
@@ -137,6 +137,17 @@ impl Drop for TcpSession {
     }
 }
 
+/// What a target's reply frame means to the shipper.
+pub fn event_of(f: Frame) -> Option<Event> {
+    match f {
+        Frame::Ack(l) => Some(Event::Ack(l)),
+        Frame::Heartbeat => Some(Event::Heartbeat),
+        Frame::Control(ControlMsg::ResyncDone { plan }) => Some(Event::ResyncDone(plan)),
+        Frame::Control(ControlMsg::Bye { reason }) => Some(Event::Closed(format!("the target said: {reason}"))),
+        _ => None,
+    }
+}
+
 // ----- a local directory ------------------------------------------------------------------
 
 /// `--target DIR`: the target core runs in this process; its log and staging live under the
@@ -182,12 +193,19 @@ impl Connector for LocalConnector {
     fn connect(&mut self) -> Result<Box<dyn Session>, String> {
         let core = self.open()?;
         let position = core.position();
-        Ok(Box::new(LocalSession { core, events: Vec::new(), position, last_checkpoint: Instant::now() }))
+        Ok(Box::new(LocalSession {
+            core,
+            handler: FrameHandler::new(),
+            events: Vec::new(),
+            position,
+            last_checkpoint: Instant::now(),
+        }))
     }
 }
 
 struct LocalSession {
     core: Arc<TargetCore<DirStorage, OsTree>>,
+    handler: FrameHandler,
     events: Vec<Event>,
     position: TargetPosition,
     last_checkpoint: Instant,
@@ -210,42 +228,13 @@ impl Session for LocalSession {
     }
 
     fn send(&mut self, frame: &Frame) -> Result<(), String> {
-        let c = &self.core;
-        let r = match frame {
-            Frame::Records(b) => return self.send_records(b),
-            Frame::Heartbeat => {
-                self.events.push(Event::Heartbeat);
-                Ok(())
-            }
-            Frame::Data { file, offset, data } => {
-                c.resync_item(&StagedItem::Data { file: *file, offset: *offset, data: data.clone() })
-            }
-            Frame::Control(ControlMsg::Settled { settled_below, records_below }) => {
-                c.settled(Settled { settled_below: Lsn(*settled_below), records_below: Lsn(*records_below) });
-                Ok(())
-            }
-            Frame::Control(ControlMsg::ResyncBegin { plan, resume_lsn, .. }) => c.resync_begin(*plan, *resume_lsn),
-            Frame::Control(ControlMsg::ResyncEntries { dir, entries, last }) => {
-                c.resync_item(&StagedItem::Entries { dir: *dir, entries: entries.clone(), last: *last })
-            }
-            Frame::Control(ControlMsg::ResyncNode { node }) => c.resync_item(&StagedItem::Node(node.clone())),
-            Frame::Control(ControlMsg::ResyncEnd { plan }) => {
-                let r = c.resync_end(*plan);
-                if r.is_ok() {
-                    self.events.push(Event::ResyncDone(*plan));
-                }
-                r
-            }
-            Frame::Control(_) | Frame::Ack(_) => Ok(()),
-        };
-        r.map_err(|e| e.to_string())?;
+        let replies = self.handler.handle(&self.core, frame.clone())?;
+        self.events.extend(replies.into_iter().filter_map(event_of));
         self.after()
     }
 
     fn send_records(&mut self, records: &[u8]) -> Result<(), String> {
-        let acked = self.core.receive(records).map_err(|e| e.to_string())?;
-        self.events.push(Event::Ack(acked));
-        self.after()
+        self.send(&Frame::Records(records.to_vec()))
     }
 
     fn event(&mut self, wait: Duration) -> Option<Event> {

@@ -48,15 +48,44 @@ pub struct Shipper<S: Storage> {
     pub link: Arc<Link>,
     pub source: Arc<dyn Source>,
     pub stop: Arc<AtomicBool>,
+    pub timing: Timing,
+}
+
+/// The shipper's clocks. The simulation sets them so that nothing depends on wall time.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Make the journal durable at most this often when records wait for it.
+    pub sync_every: Duration,
+    /// Send a heartbeat after this long without a frame.
+    pub heartbeat_every: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long an idle shipper waits for news.
+    pub idle_wait: Duration,
+    /// A target silent for this long is taken for gone.
+    pub silence_max: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            sync_every: SYNC_EVERY,
+            heartbeat_every: HEARTBEAT_EVERY,
+            backoff_min: BACKOFF_MIN,
+            backoff_max: BACKOFF_MAX,
+            idle_wait: Duration::from_millis(5),
+            silence_max: super::session::TARGET_SILENCE_MAX,
+        }
+    }
 }
 
 impl<S: Storage> Shipper<S> {
     /// Runs until `stop`: connect, serve, back off, again.
     pub fn run(&self, mut connector: Box<dyn Connector>) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = self.timing.backoff_min;
         while !self.stop.load(Ordering::Acquire) {
             let result = connector.connect().and_then(|mut s| {
-                backoff = BACKOFF_MIN;
+                backoff = self.timing.backoff_min;
                 self.serve(s.as_mut())
             });
             let why = match result {
@@ -77,11 +106,14 @@ impl<S: Storage> Shipper<S> {
                 st.reconnects += 1;
             }
             self.sleep(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = (backoff * 2).min(self.timing.backoff_max);
         }
     }
 
     fn sleep(&self, d: Duration) {
+        if d.is_zero() {
+            return;
+        }
         let until = Instant::now() + d;
         while !self.stop.load(Ordering::Acquire) && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(20).min(d));
@@ -169,7 +201,7 @@ impl<S: Storage> Shipper<S> {
                 Some(Event::Closed(why)) => return Err(why),
                 _ => {}
             }
-            if last_beat.elapsed() >= HEARTBEAT_EVERY {
+            if last_beat.elapsed() >= self.timing.heartbeat_every {
                 s.send(&Frame::Heartbeat)?;
                 last_beat = Instant::now();
             }
@@ -331,12 +363,12 @@ impl<S: Storage> Shipper<S> {
                     _ => {}
                 }
             }
-            if last_heard.elapsed() > super::session::TARGET_SILENCE_MAX {
-                return Err(format!("the target was silent for {:?}", super::session::TARGET_SILENCE_MAX));
+            if last_heard.elapsed() > self.timing.silence_max {
+                return Err(format!("the target was silent for {:?}", self.timing.silence_max));
             }
             let settled = journal.settled();
             let mut durable = journal.durable_lsn();
-            if durable < settled.settled_below && cur.next < settled.settled_below && last_sync.elapsed() >= SYNC_EVERY {
+            if durable < settled.settled_below && cur.next < settled.settled_below && last_sync.elapsed() >= self.timing.sync_every {
                 durable = journal.sync().map_err(|e| e.to_string())?;
                 last_sync = Instant::now();
             }
@@ -369,13 +401,13 @@ impl<S: Storage> Shipper<S> {
                 last_settled = Some(settled);
             }
             self.update_state(&journal, &cur);
-            if last_sent.elapsed() >= HEARTBEAT_EVERY {
+            if last_sent.elapsed() >= self.timing.heartbeat_every {
                 s.send(&Frame::Heartbeat)?;
                 last_sent = Instant::now();
             }
             if idle {
                 let st = self.link.lock();
-                let _ = self.link.wake.wait_timeout(st, Duration::from_millis(5)).unwrap();
+                let _ = self.link.wake.wait_timeout(st, self.timing.idle_wait).unwrap();
             }
         }
     }

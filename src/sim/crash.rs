@@ -290,7 +290,7 @@ fn show(l: &Listing) -> String {
 
 /// One random operation through the write path; errors (ENOENT, EEXIST …) are part of the
 /// workload: the primary's tree is the truth either way.
-fn step(core: &Core<SimStorage, SimTree>, rng: &mut ChaCha8Rng, stats: &mut SeedStats) {
+pub(crate) fn step(core: &Core<SimStorage, SimTree>, rng: &mut ChaCha8Rng, stats: &mut SeedStats) {
     stats.ops += 1;
     let dir = if rng.gen_ratio(1, 4) {
         core.lookup(FileId::ROOT, b"sub").map(|(id, _)| id).unwrap_or(FileId::ROOT)

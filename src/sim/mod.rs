@@ -4,3 +4,4 @@
 pub mod crash;
 pub mod storage;
 pub mod tree;
+pub mod replication;
