@@ -243,7 +243,11 @@ fn a_stalled_target_falls_back_when_the_journal_overflows_and_converges_after() 
         f.write_all_at(&pattern(i, 256 << 10), 0).unwrap();
         f.sync_all().unwrap();
     }
-    assert!(started.elapsed() < Duration::from_secs(60), "writers were held up by the stalled target: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "writers were held up by the stalled target: {:?}",
+        started.elapsed()
+    );
     let st = status(&m.journal);
     assert_ne!(st["targets"][0]["state"], "in-sync", "{st:#}");
     proxy.heal();
@@ -258,7 +262,8 @@ fn the_status_table_and_json_show_journal_and_targets() {
     sync_mount(&m);
     wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
     let st = status(&m.journal);
-    for field in ["url", "state", "lag_records", "lag_bytes", "lag_seconds", "dirty_blocks", "bytes_sent", "last_error"] {
+    for field in ["url", "state", "lag_records", "lag_bytes", "lag_seconds", "dirty_blocks", "bytes_sent", "last_error"]
+    {
         assert!(st["targets"][0].get(field).is_some(), "status lacks {field}: {st:#}");
     }
     assert!(st["journal"]["size_bytes"].as_u64().unwrap() > 0);

@@ -38,8 +38,13 @@ fn after_healing_the_target_equals_the_primary() {
             Ok(Err(msg)) => msg,
             Err(_) => "panicked (see above)".to_string(),
         };
-        panic!("seed {seed} failed: {failure}\nreplay it with: FERRYFS_SEED={seed} cargo test --release --test sim_replication");
+        panic!(
+            "seed {seed} failed: {failure}\nreplay it with: FERRYFS_SEED={seed} cargo test --release --test sim_replication"
+        );
     }
     println!("{} seeds: {total:?}", seeds.len());
-    assert!(total.broken > 0 && total.target_crashes > 0 && total.ops > 0, "the simulation injected no faults: {total:?}");
+    assert!(
+        total.broken > 0 && total.target_crashes > 0 && total.ops > 0,
+        "the simulation injected no faults: {total:?}"
+    );
 }

@@ -12,9 +12,6 @@ use fuser::{Config, MountOption, SessionACL};
 
 use super::common::{self, parse_duration, parse_size};
 use super::replication;
-use crate::ship::Replication;
-use crate::ship::hub::Hub;
-use crate::status::StatusServer;
 use crate::format::superblock::Superblock;
 use crate::fuse::{FerryFs, FuseOptions};
 use crate::journal::{JournalGeometry, recovery};
@@ -22,6 +19,9 @@ use crate::limits::{SEGMENT_SIZE_MIN, SEGMENTS_MIN};
 use crate::os::storage::DirStorage;
 use crate::os::tree::OsTree;
 use crate::passthrough::{Background, Core, CoreConfig, IdTable, KernelFlush};
+use crate::ship::Replication;
+use crate::ship::hub::Hub;
+use crate::status::StatusServer;
 
 #[derive(clap::Args, Debug)]
 #[command(

@@ -59,7 +59,9 @@ pub fn read_key(path: &Path) -> Result<Key> {
 pub fn check_targets(targets: &[TargetUrl], backing: &Path, journal: &Path, mountpoint: &Path) -> Result<()> {
     for t in targets {
         if let TargetUrl::Dir { dir, url } = t {
-            for (what, p) in [("the backing directory", backing), ("the journal", journal), ("the mountpoint", mountpoint)] {
+            for (what, p) in
+                [("the backing directory", backing), ("the journal", journal), ("the mountpoint", mountpoint)]
+            {
                 if dir.starts_with(p) || p.starts_with(dir) {
                     bail!("--target {url} overlaps {what} ({}); a target must be a separate directory", p.display());
                 }

@@ -52,7 +52,11 @@ pub fn run(a: TargetArgs) -> Result<()> {
     let dir = common::existing_dir("--dir", &a.dir)?;
     let state = common::existing_dir("--state", &a.state)?;
     if state.starts_with(&dir) || dir.starts_with(&state) {
-        bail!("--state {} and --dir {} overlap; keep the target's state outside its directory", state.display(), dir.display());
+        bail!(
+            "--state {} and --dir {} overlap; keep the target's state outside its directory",
+            state.display(),
+            dir.display()
+        );
     }
     let listen = a
         .listen

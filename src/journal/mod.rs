@@ -14,8 +14,8 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use error::JournalError;
 pub use cursor::{CursorError, LogCursor};
+pub use error::JournalError;
 pub use writer::{Journal, JournalGeometry, Position, Retention, Settled};
 
 use crate::format::superblock::Superblock;

@@ -362,10 +362,15 @@ impl<S: Storage> Journal<S> {
             let h = record::decode_header(rest, rest.len())
                 .map_err(|e| JournalError::Corrupt(format!("received record at byte {at}: {e}")))?;
             let len = record::record_len(h.payload_len as usize);
-            let rec = rest.get(..len).ok_or_else(|| JournalError::Corrupt(format!("received record {} is cut short", h.lsn.0)))?;
+            let rec = rest
+                .get(..len)
+                .ok_or_else(|| JournalError::Corrupt(format!("received record {} is cut short", h.lsn.0)))?;
             record::verify(rec, &h).map_err(|e| JournalError::Corrupt(format!("received record {}: {e}", h.lsn.0)))?;
             if h.set_id != self.set_id {
-                return Err(JournalError::Corrupt(format!("received record {} belongs to another replication set", h.lsn.0)));
+                return Err(JournalError::Corrupt(format!(
+                    "received record {} belongs to another replication set",
+                    h.lsn.0
+                )));
             }
             let wait = *self.full_wait.lock().unwrap();
             let deadline = Instant::now() + wait;

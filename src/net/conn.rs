@@ -44,7 +44,11 @@ pub fn nonce() -> [u8; 32] {
 }
 
 /// Connects and runs the handshake; returns the two halves and the peer's hello.
-pub fn connect(addr: SocketAddr, config: HandshakeConfig, timeout: Duration) -> Result<(Reader, Writer, Established), NetError> {
+pub fn connect(
+    addr: SocketAddr,
+    config: HandshakeConfig,
+    timeout: Duration,
+) -> Result<(Reader, Writer, Established), NetError> {
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_nodelay(true)?;
     handshake(stream, config)

@@ -92,8 +92,10 @@ impl Target {
             return Ok(c.clone());
         }
         let storage = DirStorage::new(&self.config.state.join("log"));
-        let tree = OsTree::open(&self.config.dir).map_err(|e| format!("opening --dir {}: {e}", self.config.dir.display()))?;
-        let core = Core::create(storage, self.config.geometry, set_id, tree, &self.config.state).map_err(|e| e.to_string())?;
+        let tree =
+            OsTree::open(&self.config.dir).map_err(|e| format!("opening --dir {}: {e}", self.config.dir.display()))?;
+        let core =
+            Core::create(storage, self.config.geometry, set_id, tree, &self.config.state).map_err(|e| e.to_string())?;
         let core = Arc::new(core);
         *g = Some(core.clone());
         Ok(core)
@@ -157,7 +159,8 @@ impl Target {
             .map_err(|_| "the handshake did not complete in time".to_string())??;
         let mut out = Out { enc: FrameEncoder::new(), buf: Vec::new() };
         if est.peer.role != Role::Primary {
-            out.bye(&mut sock, &format!("this is a mirror target; a {} cannot connect to it", est.peer.role.name())).await;
+            out.bye(&mut sock, &format!("this is a mirror target; a {} cannot connect to it", est.peer.role.name()))
+                .await;
             return Err(format!("refused a {} (only a primary may connect)", est.peer.role.name()));
         }
         let core = match self.core_for(est.peer.set_id) {
@@ -186,9 +189,9 @@ impl Target {
     fn claim(&self, conn: u64) -> Result<(), String> {
         let mut a = self.active.lock().unwrap();
         match *a {
-            Some((_, heard)) if heard.elapsed() < PEER_SILENCE_MAX => Err(
-                "another primary is connected to this target; two primaries at once are refused".to_string(),
-            ),
+            Some((_, heard)) if heard.elapsed() < PEER_SILENCE_MAX => {
+                Err("another primary is connected to this target; two primaries at once are refused".to_string())
+            }
             _ => {
                 *a = Some((conn, Instant::now()));
                 Ok(())
@@ -302,7 +305,10 @@ async fn blocking<R: Send + 'static, E: std::fmt::Display + Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
 }
 
-async fn handshake(sock: &mut TcpStream, cfg: HandshakeConfig) -> Result<(crate::proto::wire::Established, Vec<u8>), String> {
+async fn handshake(
+    sock: &mut TcpStream,
+    cfg: HandshakeConfig,
+) -> Result<(crate::proto::wire::Established, Vec<u8>), String> {
     let mut hs = Handshake::new(cfg);
     let mut buf = [0u8; 4096];
     loop {

@@ -127,7 +127,8 @@ impl<S: Storage, T: Tree> Core<S, T> {
     /// `Op::mtime_ids`. A failure costs only an mtime: logged, not returned.
     fn set_mtime(&self, id: FileId, time_ns: u64) {
         let attr = SetAttr { mtime: Some(crate::format::ops::Timestamp::from_ns(time_ns)), ..Default::default() };
-        let r = self.node(id).map_err(|e| io::Error::from_raw_os_error(e.0)).and_then(|n| self.tree.set_attr(&n, &attr));
+        let r =
+            self.node(id).map_err(|e| io::Error::from_raw_os_error(e.0)).and_then(|n| self.tree.set_attr(&n, &attr));
         if let Err(e) = r {
             tracing::debug!("setting the mtime of {id}: {e}");
         }

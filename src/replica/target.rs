@@ -313,8 +313,10 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                 r
             }
             Kind::Op => {
-                let op = Op::decode(payload).map_err(|e| TargetError::Protocol(format!("an op record does not decode: {e}")))?;
-                let namespace = matches!(op, Op::Create { .. } | Op::Link { .. } | Op::Unlink { .. } | Op::Rename { .. });
+                let op = Op::decode(payload)
+                    .map_err(|e| TargetError::Protocol(format!("an op record does not decode: {e}")))?;
+                let namespace =
+                    matches!(op, Op::Create { .. } | Op::Link { .. } | Op::Unlink { .. } | Op::Rename { .. });
                 let r = if namespace && h.lsn.0 <= st.marker {
                     // In the tree already (see `ApplyState::marker`): judging it again against
                     // a tree that later ops changed could undo or double them.
@@ -569,7 +571,11 @@ impl FrameHandler {
         }
     }
 
-    fn control<S: Storage, T: Tree>(&mut self, core: &TargetCore<S, T>, msg: ControlMsg) -> Result<Option<ControlMsg>, String> {
+    fn control<S: Storage, T: Tree>(
+        &mut self,
+        core: &TargetCore<S, T>,
+        msg: ControlMsg,
+    ) -> Result<Option<ControlMsg>, String> {
         let e = |e: TargetError| e.to_string();
         match msg {
             ControlMsg::Settled { settled_below, records_below } => {

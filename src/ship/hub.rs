@@ -104,7 +104,8 @@ pub struct Hub<S: Storage> {
 
 /// A file name for a target's map: its url with everything but `[A-Za-z0-9.-]` as `_`.
 pub fn map_file_name(url: &str) -> String {
-    let clean: String = url.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+    let clean: String =
+        url.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
     format!("target-{clean}.map")
 }
 
@@ -322,7 +323,10 @@ impl<S: Storage> Retention for Hub<S> {
                 {
                     let mut st = link.lock();
                     st.released = true;
-                    st.last_error = Some("the journal overflowed while this target lagged: it will be resynchronized from its sync map".into());
+                    st.last_error = Some(
+                        "the journal overflowed while this target lagged: it will be resynchronized from its sync map"
+                            .into(),
+                    );
                 }
                 self.fall_back(link, "journal overflow");
                 link.wake.notify_all();

@@ -43,8 +43,16 @@ impl<S: Storage> Replication<S> {
                 stop: stop.clone(),
                 timing: shipper::Timing::default(),
             };
-            let name = format!("ship-{}", link.url.chars().rev().take(8).collect::<String>().chars().rev().collect::<String>());
-            threads.push(std::thread::Builder::new().name(name).spawn(move || shipper.run(connector)).expect("spawning a shipper"));
+            let name = format!(
+                "ship-{}",
+                link.url.chars().rev().take(8).collect::<String>().chars().rev().collect::<String>()
+            );
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || shipper.run(connector))
+                    .expect("spawning a shipper"),
+            );
         }
         let (h, st) = (hub.clone(), stop.clone());
         threads.push(

@@ -61,8 +61,8 @@ impl Connector for TcpConnector {
             nonce: conn::nonce(),
             key: self.key.clone(),
         };
-        let (mut reader, writer, est) =
-            conn::connect(self.addr, cfg, Duration::from_secs(5)).map_err(|e| format!("connecting to {}: {e}", self.addr))?;
+        let (mut reader, writer, est) = conn::connect(self.addr, cfg, Duration::from_secs(5))
+            .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
         if est.peer.role != Role::Target {
             return Err(format!("{} is a {}, not a mirror target", self.addr, est.peer.role.name()));
         }
@@ -71,11 +71,9 @@ impl Connector for TcpConnector {
         }
         writer.set_timeout(TARGET_SILENCE_MAX).map_err(|e| e.to_string())?;
         let position = match reader.recv(TARGET_SILENCE_MAX) {
-            Ok(Frame::Control(ControlMsg::Status { next_lsn, durable_lsn, applied_lsn })) => TargetPosition {
-                next_lsn,
-                durable_next: durable_lsn + 1,
-                applied_next: applied_lsn + 1,
-            },
+            Ok(Frame::Control(ControlMsg::Status { next_lsn, durable_lsn, applied_lsn })) => {
+                TargetPosition { next_lsn, durable_next: durable_lsn + 1, applied_next: applied_lsn + 1 }
+            }
             Ok(Frame::Control(ControlMsg::Bye { reason })) => return Err(format!("the target refused: {reason}")),
             Ok(other) => return Err(format!("the target began with {:?} instead of its status", other.kind())),
             Err(e) => return Err(format!("waiting for the target's status: {e}")),
@@ -89,7 +87,9 @@ impl Connector for TcpConnector {
                         Ok(Frame::Ack(l)) => Event::Ack(l),
                         Ok(Frame::Heartbeat) => Event::Heartbeat,
                         Ok(Frame::Control(ControlMsg::ResyncDone { plan })) => Event::ResyncDone(plan),
-                        Ok(Frame::Control(ControlMsg::Bye { reason })) => Event::Closed(format!("the target said: {reason}")),
+                        Ok(Frame::Control(ControlMsg::Bye { reason })) => {
+                            Event::Closed(format!("the target said: {reason}"))
+                        }
                         Ok(Frame::Control(ControlMsg::Status { .. })) => continue,
                         Ok(f) => Event::Closed(format!("the target sent an unexpected {} frame", f.kind().name())),
                         Err(NetError::Timeout(t)) => Event::Closed(format!("the target was silent for {t:?}")),
@@ -172,7 +172,8 @@ impl LocalConnector {
         let log = self.state.join("log");
         std::fs::create_dir_all(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let storage = DirStorage::new(&log);
-        let tree = OsTree::open(&self.dir).map_err(|e| format!("opening target directory {}: {e}", self.dir.display()))?;
+        let tree =
+            OsTree::open(&self.dir).map_err(|e| format!("opening target directory {}: {e}", self.dir.display()))?;
         let has = storage.read_superblock_if_any().map_err(|e| e.to_string())?.is_some();
         let core = if has {
             TargetCore::open(storage, tree, &self.state)

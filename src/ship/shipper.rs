@@ -176,7 +176,11 @@ impl<S: Storage> Shipper<S> {
             plan.block_count(),
             plan.resume_from.0
         );
-        s.send(&Frame::Control(ControlMsg::ResyncBegin { plan: plan.id.0, resume_lsn: plan.resume_from.0, full: plan.full }))?;
+        s.send(&Frame::Control(ControlMsg::ResyncBegin {
+            plan: plan.id.0,
+            resume_lsn: plan.resume_from.0,
+            full: plan.full,
+        }))?;
         self.send_plan(s, &plan)?;
         s.send(&Frame::Control(ControlMsg::ResyncEnd { plan: plan.id.0 }))?;
         self.await_resync_done(s, plan.id.0)?;
@@ -264,7 +268,10 @@ impl<S: Storage> Shipper<S> {
     /// The plan's objects: directories whose entries changed, files with marked blocks (byte
     /// ranges), and objects whose attributes changed.
     #[allow(clippy::type_complexity)]
-    fn plan_objects(&self, plan: &ResyncPlan) -> Result<(Vec<FileId>, Vec<(FileId, Vec<(u64, u64)>)>, Vec<FileId>), String> {
+    fn plan_objects(
+        &self,
+        plan: &ResyncPlan,
+    ) -> Result<(Vec<FileId>, Vec<(FileId, Vec<(u64, u64)>)>, Vec<FileId>), String> {
         let mut dirs = Vec::new();
         let mut files = Vec::new();
         let mut others = Vec::new();
@@ -288,7 +295,8 @@ impl<S: Storage> Shipper<S> {
             Err(e) if gone(&e) => return Ok(()),
             Err(e) => return Err(format!("listing directory {dir} for the resync: {e}")),
         };
-        let mut chunks: Vec<Vec<(Vec<u8>, NodeDesc)>> = entries.chunks(ENTRIES_PER_MESSAGE).map(|c| c.to_vec()).collect();
+        let mut chunks: Vec<Vec<(Vec<u8>, NodeDesc)>> =
+            entries.chunks(ENTRIES_PER_MESSAGE).map(|c| c.to_vec()).collect();
         if chunks.is_empty() {
             chunks.push(Vec::new());
         }
@@ -368,7 +376,10 @@ impl<S: Storage> Shipper<S> {
             }
             let settled = journal.settled();
             let mut durable = journal.durable_lsn();
-            if durable < settled.settled_below && cur.next < settled.settled_below && last_sync.elapsed() >= self.timing.sync_every {
+            if durable < settled.settled_below
+                && cur.next < settled.settled_below
+                && last_sync.elapsed() >= self.timing.sync_every
+            {
                 durable = journal.sync().map_err(|e| e.to_string())?;
                 last_sync = Instant::now();
             }
@@ -415,7 +426,8 @@ impl<S: Storage> Shipper<S> {
     fn update_state(&self, journal: &crate::journal::Journal<S>, cur: &LogCursor) {
         let next = journal.next_lsn();
         let mut st = self.link.lock();
-        let caught_up = matches!(st.map.mode(), Mode::Ordered { acked_below } if acked_below >= next) && cur.next >= next;
+        let caught_up =
+            matches!(st.map.mode(), Mode::Ordered { acked_below } if acked_below >= next) && cur.next >= next;
         st.state = if caught_up { LinkState::InSync } else { LinkState::Connected };
         if caught_up {
             st.last_error = None;

@@ -2,6 +2,6 @@
 //! driven with no kernel, no disk and no sleeping.
 
 pub mod crash;
+pub mod replication;
 pub mod storage;
 pub mod tree;
-pub mod replication;

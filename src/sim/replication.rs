@@ -157,7 +157,7 @@ impl World {
         }
         if self.healed() {
             let at = *self.healed_at.get_or_insert(self.tick);
-            if self.tick % 50 == 0 && self.check_converged() {
+            if self.tick.is_multiple_of(50) && self.check_converged() {
                 self.converged = true;
                 self.stop.store(true, Ordering::Release);
             } else if self.tick - at > self.cfg.heal_ticks as u64 {
@@ -348,7 +348,11 @@ fn listing_diff(
             None => out.push(format!("{k}: missing")),
             Some((hk, hd)) if hk != kind || hd != data => {
                 let at = data.iter().zip(hd).position(|(a, b)| a != b);
-                out.push(format!("{k}: {kind:?} {} bytes vs {hk:?} {} bytes, first difference at {at:?}", data.len(), hd.len()))
+                out.push(format!(
+                    "{k}: {kind:?} {} bytes vs {hk:?} {} bytes, first difference at {at:?}",
+                    data.len(),
+                    hd.len()
+                ))
             }
             _ => {}
         }
@@ -459,7 +463,12 @@ fn describe(tree: &SimTree, id: FileId, node: &SimNode) -> io::Result<NodeDesc> 
         atime: (0, 0),
         mtime: (0, 0),
         target: i.target.clone(),
-        xattrs: i.xattrs.iter().filter(|(k, _)| !crate::io::is_private_xattr(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        xattrs: i
+            .xattrs
+            .iter()
+            .filter(|(k, _)| !crate::io::is_private_xattr(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -473,7 +482,8 @@ pub fn run_net_seed(seed: u64, cfg: &NetConfig) -> Result<NetStats, String> {
         Core::new(opened.journal, tree, IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default())
             .map_err(|e| e.to_string())?,
     );
-    let hub = Hub::new(primary.journal.clone(), vec![("sim://target".into(), Lsn(0), SyncMap::new_needing_full_sync())]);
+    let hub =
+        Hub::new(primary.journal.clone(), vec![("sim://target".into(), Lsn(0), SyncMap::new_needing_full_sync())]);
     primary.set_marks(hub.clone());
     primary.journal.set_retention(hub.clone());
     hub.persist()?;

@@ -187,7 +187,11 @@ fn describe_diff(x: &Entry, y: &Entry) -> String {
         d.push(format!("content ({} vs {} bytes)", x.content.len(), y.content.len()));
     }
     if x.xattrs != y.xattrs {
-        d.push(format!("xattrs {:?} vs {:?}", x.xattrs.keys().collect::<Vec<_>>(), y.xattrs.keys().collect::<Vec<_>>()));
+        d.push(format!(
+            "xattrs {:?} vs {:?}",
+            x.xattrs.keys().collect::<Vec<_>>(),
+            y.xattrs.keys().collect::<Vec<_>>()
+        ));
     }
     if x.mtime != y.mtime {
         d.push(format!("mtime {:?} vs {:?}", x.mtime, y.mtime));
@@ -215,10 +219,13 @@ fn scan(root: &Path) -> (BTreeMap<String, Entry>, LinkGroups) {
             out.insert(rel, entry(&p));
         }
     }
-    let mut groups: LinkGroups = by_ino.into_values().map(|mut v| {
-        v.sort();
-        v
-    }).collect();
+    let mut groups: LinkGroups = by_ino
+        .into_values()
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
     groups.sort();
     (out, groups)
 }
@@ -254,13 +261,12 @@ fn xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     if n <= 0 {
         return out;
     }
-    for name in names[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty() && !n.starts_with(b"trusted.ferryfs.")) {
+    for name in names[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty() && !n.starts_with(b"trusted.ferryfs."))
+    {
         let cn = std::ffi::CString::new(name).unwrap();
         let mut v = vec![0u8; 65536];
         // SAFETY: as above.
-        let len = unsafe {
-            libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr() as *mut libc::c_void, v.len())
-        };
+        let len = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr() as *mut libc::c_void, v.len()) };
         if len >= 0 {
             v.truncate(len as usize);
             out.insert(name.to_vec(), v);
@@ -283,12 +289,16 @@ pub fn wait_converged(journal: &Path, backing: &Path, dirs: &[&Path], timeout: D
     loop {
         let st = status(journal);
         let synced = st["targets"].as_array().unwrap().iter().all(|t| t["state"] == "in-sync" && t["lag_records"] == 0);
-        let diffs: Vec<String> = if synced { dirs.iter().flat_map(|d| tree_diff(backing, d)).collect() } else { vec!["not in sync".into()] };
+        let diffs: Vec<String> =
+            if synced { dirs.iter().flat_map(|d| tree_diff(backing, d)).collect() } else { vec!["not in sync".into()] };
         if diffs.is_empty() {
             return;
         }
         if Instant::now() > deadline {
-            panic!("targets did not converge in {timeout:?}:\nstatus: {st:#}\ndiffs (first 20): {:#?}", &diffs[..diffs.len().min(20)]);
+            panic!(
+                "targets did not converge in {timeout:?}:\nstatus: {st:#}\ndiffs (first 20): {:#?}",
+                &diffs[..diffs.len().min(20)]
+            );
         }
         sleep(Duration::from_millis(200));
     }

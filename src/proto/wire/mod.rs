@@ -559,7 +559,11 @@ pub enum Frame {
     /// "Still here"; no body.
     Heartbeat,
     /// A resync's contents: `data` is the current content of `file` at `offset` (raw bytes).
-    Data { file: u64, offset: u64, data: Vec<u8> },
+    Data {
+        file: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
 
 impl Frame {
@@ -823,7 +827,10 @@ fn decode_body(kind: FrameKind, body: &[u8]) -> Result<Frame, String> {
         FrameKind::Control => control::decode(body).map(Frame::Control).map_err(|e| e.to_string()),
         FrameKind::Data => {
             if body.len() < DATA_HEAD_LEN {
-                return Err(format!("body of {} bytes, a data frame needs {DATA_HEAD_LEN} before its bytes", body.len()));
+                return Err(format!(
+                    "body of {} bytes, a data frame needs {DATA_HEAD_LEN} before its bytes",
+                    body.len()
+                ));
             }
             let (file, offset) = (le_u64(body, 0), le_u64(body, 8));
             offset
