@@ -288,3 +288,19 @@ fn a_target_directory_with_a_symlink_pointing_outside_is_never_written_through()
     assert!(!outside.path().join("new").exists());
     assert!(tree_diff(&m.backing, &t.dir).is_empty());
 }
+
+#[test]
+fn a_directory_target_is_applied_directly_and_survives_a_primary_restart() {
+    let mirror = tempfile::tempdir().unwrap();
+    let dir = mirror.path().canonicalize().unwrap();
+    let url = dir.display().to_string();
+    let mut m = mount_with(&[url.clone()], &[]);
+    random_workload(&m.mnt, seed(), 200);
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&dir], CONVERGE);
+    m.kill9();
+    m.restart();
+    fs::write(m.mnt.join("after-restart"), b"x").unwrap();
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&dir], CONVERGE);
+}

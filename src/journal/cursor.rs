@@ -125,11 +125,14 @@ impl<S: Storage> Journal<S> {
         self.distance(start, end)
     }
 
-    /// Bytes of log from about record `lsn` (the start of its segment) to the end.
+    /// Bytes of log from record `lsn` to the end (0 when it is not in the log).
     pub fn bytes_from(&self, lsn: Lsn) -> u64 {
-        let (_, _, end, _) = self.live();
-        match self.segment_holding(lsn) {
-            Ok((_, at)) => self.distance(at, end),
+        let (_, _, end, next) = self.live();
+        if lsn >= next {
+            return 0;
+        }
+        match self.cursor_at(lsn) {
+            Ok(c) => self.distance(c.pos, end),
             Err(_) => 0,
         }
     }
