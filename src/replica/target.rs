@@ -439,6 +439,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         let mut head = [0u8; 8];
         let mut parts = Vec::new();
         let mut root_node = None;
+        let mut deferred: Vec<(FileId, Vec<(Vec<u8>, NodeDesc)>)> = Vec::new();
         loop {
             match r.read_exact(&mut head) {
                 Ok(()) => {}
@@ -460,7 +461,30 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                         if !last {
                             continue;
                         }
-                        a.apply_entries(FileId(dir), std::mem::take(&mut parts).as_slice())
+                        let list = std::mem::take(&mut parts);
+                        match a.apply_entries(FileId(dir), &list) {
+                            // A directory the target has not made yet: its parent's entries,
+                            // later in the resync, will make it (a directory moved under a
+                            // newer one on the primary). Tried again once those are applied.
+                            Ok(Applied::Skipped(_)) => {
+                                deferred.push((FileId(dir), list));
+                                Ok(Applied::Already)
+                            }
+                            r => r,
+                        }
+                    }
+                    other if !deferred.is_empty() => {
+                        Self::retry_deferred(&mut a, &mut deferred, |r| self.note(r))?;
+                        match other {
+                            StagedItem::Node(n) => {
+                                if n.id == FileId::ROOT.0 {
+                                    root_node = Some(n.clone());
+                                }
+                                a.apply_node(&n)
+                            }
+                            StagedItem::Data { file, offset, data } => a.apply_write(FileId(file), offset, &data),
+                            StagedItem::Entries { .. } => unreachable!("matched above"),
+                        }
                     }
                     StagedItem::Node(n) => {
                         if n.id == FileId::ROOT.0 {
@@ -475,6 +499,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         }
         {
             let mut a = self.applier.lock().unwrap();
+            Self::retry_deferred(&mut a, &mut deferred, |r| self.note(r))?;
             a.finish_resync()?;
             // Emptying the stash changed the root's mtime after its node was applied.
             if let Some(n) = root_node {
@@ -512,6 +537,33 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         fs::remove_file(self.state_dir.join(PENDING_FILE)).map_err(io_err("removing resync-pending"))?;
         let _ = fs::remove_file(&path);
         self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Applies the directories whose entries were deferred, as often as any of them makes
+    /// progress (each applied one may make another's directory exist).
+    fn retry_deferred(
+        a: &mut Applier<T>,
+        deferred: &mut Vec<(FileId, Vec<(Vec<u8>, NodeDesc)>)>,
+        note: impl Fn(Result<Applied, ApplyError>) -> Result<(), TargetError>,
+    ) -> Result<(), TargetError> {
+        loop {
+            let before = deferred.len();
+            let mut left = Vec::new();
+            for (dir, list) in deferred.drain(..) {
+                match a.apply_entries(dir, &list) {
+                    Ok(Applied::Skipped(_)) => left.push((dir, list)),
+                    r => note(r)?,
+                }
+            }
+            *deferred = left;
+            if deferred.is_empty() || deferred.len() == before {
+                break;
+            }
+        }
+        for (dir, _) in deferred.drain(..) {
+            tracing::debug!("resync: directory {dir} is in no directory of the resync; skipped");
+        }
         Ok(())
     }
 
