@@ -35,6 +35,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("FERRYFS_LOG").unwrap_or_else(|_| "warn,fuser=error".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -294,7 +294,7 @@ fn a_directory_target_is_applied_directly_and_survives_a_primary_restart() {
     let mirror = tempfile::tempdir().unwrap();
     let dir = mirror.path().canonicalize().unwrap();
     let url = dir.display().to_string();
-    let mut m = mount_with(&[url.clone()], &[]);
+    let mut m = mount_with(std::slice::from_ref(&url), &[]);
     random_workload(&m.mnt, seed(), 200);
     sync_mount(&m);
     wait_converged(&m.journal, &m.backing, &[&dir], CONVERGE);
@@ -303,4 +303,27 @@ fn a_directory_target_is_applied_directly_and_survives_a_primary_restart() {
     fs::write(m.mnt.join("after-restart"), b"x").unwrap();
     sync_mount(&m);
     wait_converged(&m.journal, &m.backing, &[&dir], CONVERGE);
+}
+
+#[test]
+fn replay_by_hand_keeps_what_a_target_lacks_in_its_map() {
+    let t = TargetProc::start(&[]);
+    let proxy = FaultProxy::start(t.addr);
+    let mut m = mount_with(&[proxy.url()], &[]);
+    fs::write(m.mnt.join("before"), pattern(1, 100_000)).unwrap();
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
+    proxy.cut();
+    fs::write(m.mnt.join("during-the-cut"), pattern(2, 300_000)).unwrap();
+    let f = OpenOptions::new().write(true).open(m.mnt.join("before")).unwrap();
+    f.write_all_at(&pattern(3, 5000), 4096).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    sync_mount(&m);
+    m.kill9();
+    let out = m.replay(&[]);
+    assert!(out.status.success(), "replay failed: {}", String::from_utf8_lossy(&out.stderr));
+    m.restart();
+    proxy.heal();
+    wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
 }

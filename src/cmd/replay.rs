@@ -53,6 +53,15 @@ pub fn run(a: ReplayArgs) -> Result<()> {
     let _lock = common::lock_journal(&journal)?;
     let storage = DirStorage::new(&journal);
     let sb = common::superblock(&storage)?;
+    if !a.dry_run {
+        // The records replay frees may be ones a mirror target has not acknowledged: their
+        // locations go into the targets' sync maps first, as `mount` does (000:12).
+        let files = super::replication::map_files(&storage)?;
+        let names: Vec<String> = files.iter().map(|(n, _, _)| n.clone()).collect();
+        let mut maps: Vec<(crate::types::Lsn, crate::syncmap::SyncMap)> =
+            files.into_iter().map(|(_, upto, map)| (upto, map)).collect();
+        super::replication::mark_and_save_named(&storage, &names, &mut maps)?;
+    }
     common::check_backing(&sb, &backing, &journal)?;
     let tree = OsTree::open(&backing).map_err(|e| anyhow::anyhow!("--backing {}: {e}", backing.display()))?;
     let bar = common::progress_bar("replaying");

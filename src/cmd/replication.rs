@@ -77,16 +77,80 @@ pub fn check_targets(targets: &[TargetUrl], backing: &Path, journal: &Path, moun
 }
 
 /// Each target's map as the journal directory holds it, with every mark the journal's records
-/// since imply (000:12 across a crash). Run before recovery frees the log.
+/// since imply (000:12 across a crash), written back before recovery may free the log.
+///
+/// Map files of targets not given this time (a target left off the command line) can no longer
+/// follow the changes: they are written back owing a full resync, so the target is never
+/// taken for more current than it is if it is given again later.
 pub fn load_maps(storage: &DirStorage, targets: &[TargetUrl], has_journal: bool) -> Result<Vec<(Lsn, SyncMap)>> {
+    let urls: Vec<String> = targets.iter().map(|t| t.url().to_string()).collect();
     let mut maps = Vec::new();
-    for t in targets {
-        maps.push(hub::load_map(storage, t.url()).map_err(|e| anyhow::anyhow!("{e}"))?);
+    for url in &urls {
+        maps.push(hub::load_map(storage, url).map_err(|e| anyhow::anyhow!("{e}"))?);
     }
-    if has_journal && !maps.is_empty() {
-        hub::remark_from_journal(storage, &mut maps).map_err(|e| anyhow::anyhow!("re-marking the sync maps: {e}"))?;
+    if has_journal {
+        mark_and_save(storage, &urls, &mut maps)?;
     }
+    retire_absent(storage, &urls)?;
     Ok(maps)
+}
+
+/// Re-marks `maps` (named by `urls`) from the journal and writes them, covering everything
+/// the journal holds now.
+pub fn mark_and_save(storage: &DirStorage, urls: &[String], maps: &mut [(Lsn, SyncMap)]) -> Result<()> {
+    let names: Vec<String> = urls.iter().map(|u| hub::map_file_name(u)).collect();
+    mark_and_save_named(storage, &names, maps)
+}
+
+/// `mark_and_save` for maps named by their file names.
+pub fn mark_and_save_named(storage: &DirStorage, names: &[String], maps: &mut [(Lsn, SyncMap)]) -> Result<()> {
+    if maps.is_empty() {
+        return Ok(());
+    }
+    let end = hub::remark_from_journal(storage, maps).map_err(|e| anyhow::anyhow!("re-marking the sync maps: {e}"))?;
+    for (name, (upto, map)) in names.iter().zip(maps.iter_mut()) {
+        *upto = end;
+        crate::io::Storage::write_file_atomic(storage, name, &hub::encode_map_file(end, map))
+            .with_context(|| format!("writing the sync map {name}"))?;
+    }
+    Ok(())
+}
+
+/// The target map files in the journal directory: (file name, the map).
+pub fn map_files(storage: &DirStorage) -> Result<Vec<(String, Lsn, SyncMap)>> {
+    let mut out = Vec::new();
+    let dir = storage.dir();
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("target-") && name.ends_with(".map")) {
+            continue;
+        }
+        let bytes = std::fs::read(dir.join(&name)).with_context(|| format!("reading {name}"))?;
+        let (upto, map) = hub::decode_map_file(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "the sync map `{name}` in {} is damaged: {e}; move it away to resync that target in full",
+                dir.display()
+            )
+        })?;
+        out.push((name, upto, map));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn retire_absent(storage: &DirStorage, urls: &[String]) -> Result<()> {
+    let given: Vec<String> = urls.iter().map(|u| hub::map_file_name(u)).collect();
+    for (name, upto, mut map) in map_files(storage)? {
+        if given.contains(&name) || map.full_resync_owed() {
+            continue;
+        }
+        eprintln!("ferryfs: {name}: that target is not given this time; it will get a full resync when it is");
+        map.require_full_resync();
+        map.fall_back();
+        crate::io::Storage::write_file_atomic(storage, &name, &hub::encode_map_file(upto, &map))
+            .with_context(|| format!("writing the sync map {name}"))?;
+    }
+    Ok(())
 }
 
 /// Sessions for each target, in order.

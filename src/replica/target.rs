@@ -439,7 +439,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         let mut head = [0u8; 8];
         let mut parts = Vec::new();
         let mut root_node = None;
-        let mut deferred: Vec<(FileId, Vec<(Vec<u8>, NodeDesc)>)> = Vec::new();
+        let mut deferred: Vec<DeferredEntries> = Vec::new();
         loop {
             match r.read_exact(&mut head) {
                 Ok(()) => {}
@@ -544,7 +544,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
     /// progress (each applied one may make another's directory exist).
     fn retry_deferred(
         a: &mut Applier<T>,
-        deferred: &mut Vec<(FileId, Vec<(Vec<u8>, NodeDesc)>)>,
+        deferred: &mut Vec<DeferredEntries>,
         note: impl Fn(Result<Applied, ApplyError>) -> Result<(), TargetError>,
     ) -> Result<(), TargetError> {
         loop {
@@ -718,6 +718,9 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TargetError> {
     }
     Ok(())
 }
+
+/// A directory's entries waiting for the directory to exist.
+type DeferredEntries = (FileId, Vec<(Vec<u8>, NodeDesc)>);
 
 /// One staged resync item.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -144,20 +144,19 @@ pub fn load_map<S: Storage>(storage: &S, url: &str) -> Result<(Lsn, SyncMap), St
 
 /// 000:12 after a crash: marks every location the journal's records from `from` on touch, in
 /// every map, so no mark made after the last persist is lost. Run before recovery frees the log.
-pub fn remark_from_journal<S: Storage>(storage: &S, maps: &mut [(Lsn, SyncMap)]) -> Result<u64, JournalError> {
+/// Returns the LSN the scan ended at: the maps now hold every mark of every record below it.
+pub fn remark_from_journal<S: Storage>(storage: &S, maps: &mut [(Lsn, SyncMap)]) -> Result<Lsn, JournalError> {
     let sb = crate::journal::read_superblock(storage)?;
-    let mut marked = 0;
-    reader::scan(storage, &sb, |r| {
+    let end = reader::scan(storage, &sb, |r| {
         let lsn = r.header.lsn;
         for (upto, map) in maps.iter_mut() {
             if lsn >= *upto {
                 mark_record(map, lsn, r.header.kind, r.payload);
-                marked += 1;
             }
         }
         true
     })?;
-    Ok(marked)
+    Ok(end.next_lsn)
 }
 
 fn mark_record(map: &mut SyncMap, lsn: Lsn, kind: Kind, payload: &[u8]) {
