@@ -74,7 +74,14 @@ pub fn handshake(mut stream: TcpStream, config: HandshakeConfig) -> Result<(Read
         }
         stream.set_read_timeout(Some(left))?;
         let n = read_some(&mut stream, &mut buf, HANDSHAKE_TIMEOUT)?;
-        let used = hs.push(&buf[..n])?;
+        let used = match hs.push(&buf[..n]) {
+            Ok(u) => u,
+            Err(e) => {
+                // Our proof may be queued: the peer learns its own reason from it.
+                let _ = stream.write_all(&hs.take_outgoing());
+                return Err(e.into());
+            }
+        };
         leftover.extend_from_slice(&buf[used..n]);
     };
     // The proof may still be in the outbox once the peer's proof made us established.

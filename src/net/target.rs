@@ -323,7 +323,17 @@ async fn handshake(
         if n == 0 {
             return Err("the peer closed the connection during the handshake".into());
         }
-        let used = hs.push(&buf[..n]).map_err(|e| format!("handshake refused: {e}"))?;
+        let used = match hs.push(&buf[..n]) {
+            Ok(u) => u,
+            Err(e) => {
+                // Our proof may be queued: the peer learns its own reason from it.
+                let out = hs.take_outgoing();
+                if !out.is_empty() {
+                    let _ = sock.write_all(&out).await;
+                }
+                return Err(format!("handshake refused: {e}"));
+            }
+        };
         if let Some(e) = hs.established().copied() {
             let out = hs.take_outgoing();
             if !out.is_empty() {

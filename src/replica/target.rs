@@ -228,7 +228,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
     /// Appends a Records frame's body to the log and makes it durable; returns the LSN to ack
     /// (every record up to it is durable here).
     pub fn receive(&self, body: &[u8]) -> Result<Lsn, TargetError> {
-        check_payloads(body)?;
+        check_frame(body, self.journal.next_lsn(), &self.set_id())?;
         // Known before the records are: the apply thread may go past them as soon as they
         // are appended, and must not apply an aborted transaction.
         self.apply.lock().unwrap().aborted.extend(aborts_in(body));
@@ -323,6 +323,18 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                     Ok(Applied::Already)
                 } else {
                     let r = a.apply_op(&op);
+                    if let Ok(Applied::Skipped(why)) = &r
+                        && why.contains("untagged")
+                    {
+                        // Only something made in --dir by hand (or by another program) is
+                        // untagged: say which entry, since the mirror now differs there.
+                        eprintln!(
+                            "ferryfs target: warning: lsn {}: {}: {why}: an entry ferryfs did not make is in the way; it is \
+                             left alone and the mirror differs there until it is removed and the target resynchronized",
+                            h.lsn.0,
+                            op.describe()
+                        );
+                    }
                     if namespace && r.is_ok() {
                         a.tree()
                             .set_applied_marker(&self.set_id(), h.lsn.0)
@@ -671,25 +683,38 @@ fn mtime_op(id: FileId, time_ns: u64) -> Op {
     Op::SetAttr { id, attr }
 }
 
-/// Refuses a frame with a write or op record whose payload does not decode (a name that is
-/// not a single component, a bad length…) before anything of it is kept: such a record could
-/// never be applied, and would stop the target's apply at it for ever.
-fn check_payloads(body: &[u8]) -> Result<(), TargetError> {
+/// Checks a whole Records frame before anything of it is kept: every record whole, its crc
+/// good, of this replication set, continuing the log's LSNs from `next`, and (for writes and
+/// ops) with a payload that decodes — a name that is not a single component, a bad length…
+/// A frame with one bad record is refused whole (docs/PROTOCOL.md, "Errors"): a prefix kept
+/// would leave the log ahead of what the primary thinks the target has.
+fn check_frame(body: &[u8], mut next: Lsn, set_id: &[u8; 16]) -> Result<(), TargetError> {
     let mut at = 0;
-    while at + HEADER_SIZE <= body.len() {
-        let h = record::decode_header(&body[at..], body.len() - at)
+    if body.is_empty() {
+        return Err(TargetError::Protocol("a records frame with no record".into()));
+    }
+    while at < body.len() {
+        let rest = &body[at..];
+        let h = record::decode_header(rest, rest.len())
             .map_err(|e| TargetError::Protocol(format!("received record at byte {at}: {e}")))?;
-        let end = at + HEADER_SIZE + h.payload_len as usize;
-        let payload = body
-            .get(at + HEADER_SIZE..end)
-            .ok_or_else(|| TargetError::Protocol(format!("received record {} is cut short", h.lsn.0)))?;
         let bad = |e: String| TargetError::Protocol(format!("received record {} refused: {e}", h.lsn.0));
+        let len = record::record_len(h.payload_len as usize);
+        let rec = rest.get(..len).ok_or_else(|| bad("cut short".into()))?;
+        record::verify(rec, &h).map_err(|e| bad(e.to_string()))?;
+        if &h.set_id != set_id {
+            return Err(bad("it belongs to another replication set".into()));
+        }
+        if h.lsn != next {
+            return Err(bad(format!("out of order: the log expects {}", next.0)));
+        }
+        let payload = &rec[HEADER_SIZE..HEADER_SIZE + h.payload_len as usize];
         match h.kind {
             Kind::Write => drop(record::decode_write(payload).map_err(|e| bad(e.to_string()))?),
             Kind::Op => drop(Op::decode(payload).map_err(|e| bad(e.to_string()))?),
             _ => {}
         }
-        at += record::record_len(h.payload_len as usize);
+        next = next.next();
+        at += len;
     }
     Ok(())
 }
