@@ -254,6 +254,10 @@ impl<S: Storage, T: Tree> Core<S, T> {
             rdev: new.rdev,
             target: new.target.to_vec(),
         };
+        // Held from the object's making to its binding: a lookup that found the new object in
+        // between would bind it to a second id, and the kernel would then name it by that id,
+        // which no target knows (its writes would reach no mirror).
+        let bind = self.bind_lock.lock().unwrap();
         let (tx, node) = self.transact(&op, || self.tree.create(&dir, name, new))?;
         self.mark_applied(tx);
         let node = Arc::new(node);
@@ -266,6 +270,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
             }
         };
         self.ids().insert(new_id, handle.clone());
+        drop(bind);
         self.journal.append_bind(Some(tx), new_id, &handle)?;
         self.commit(tx, &op)?;
         self.hold(new_id, node.clone());
@@ -409,5 +414,13 @@ impl<S: Storage, T: Tree> Core<S, T> {
     /// The id of `name` in `dir` (bound on first sight), without a kernel reference.
     pub fn peek_id(&self, dir: &T::Node, name: &[u8]) -> R<FileId> {
         self.peek(dir, name)
+    }
+
+    /// Runs `f` with no namespace op in progress. A reader that binds ids to what it finds
+    /// (a resync listing a directory) needs it: between a create's effect on the tree and its
+    /// id's binding, a lookup would bind the new object to a second, wrong id.
+    pub fn with_namespace_quiet<X>(&self, f: impl FnOnce() -> X) -> X {
+        let _ns = self.namespace.lock().unwrap();
+        f()
     }
 }

@@ -306,6 +306,13 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                 let (file, offset, data) = record::decode_write(payload)
                     .map_err(|e| TargetError::Protocol(format!("a write record does not decode: {e}")))?;
                 let r = a.apply_write(file, offset, data);
+                if let Ok(Applied::Skipped(why)) = &r {
+                    tracing::info!(
+                        "lsn {}: write of {} bytes at {offset} of {file} skipped: {why}",
+                        h.lsn.0,
+                        data.len()
+                    );
+                }
                 if matches!(r, Ok(Applied::Done)) {
                     // The primary gave the file this mtime (`Core::write`).
                     self.note(a.apply_op(&mtime_op(file, h.time_ns)))?;

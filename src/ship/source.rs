@@ -30,6 +30,24 @@ impl<S: Storage> Source for Core<S, OsTree> {
     }
 
     fn entries(&self, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>> {
+        self.with_namespace_quiet(|| self.entries_now(dir))
+    }
+
+    fn read(&self, id: FileId, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let node = self.node(id).map_err(|e| io::Error::from_raw_os_error(e.0))?;
+        let fd = ostree::reopen(&node, libc::O_RDONLY)?;
+        let f = std::fs::File::from(fd);
+        f.read_at(buf, offset)
+    }
+}
+
+trait EntriesNow {
+    fn entries_now(&self, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>>;
+}
+
+impl<S: Storage> EntriesNow for Core<S, OsTree> {
+    /// The listing itself; the caller holds the namespace quiet.
+    fn entries_now(&self, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>> {
         let d = self.node(dir).map_err(|e| io::Error::from_raw_os_error(e.0))?;
         let mut out = Vec::new();
         for (name, _, _) in ostree::read_dir(&d)? {
@@ -47,13 +65,6 @@ impl<S: Storage> Source for Core<S, OsTree> {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
-    }
-
-    fn read(&self, id: FileId, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let node = self.node(id).map_err(|e| io::Error::from_raw_os_error(e.0))?;
-        let fd = ostree::reopen(&node, libc::O_RDONLY)?;
-        let f = std::fs::File::from(fd);
-        f.read_at(buf, offset)
     }
 }
 

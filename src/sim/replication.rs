@@ -428,16 +428,7 @@ impl Source for Primary {
     }
 
     fn entries(&self, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>> {
-        let d = self.node(dir).map_err(|e| io::Error::from_raw_os_error(e.0))?;
-        let mut out = Vec::new();
-        for name in self.tree.read_dir(&d)? {
-            let child = self.tree.lookup(&d, &name)?;
-            let id = self.peek_id(&d, &name).map_err(|e| io::Error::from_raw_os_error(e.0))?;
-            let mut desc = describe(&self.tree, id, &child)?;
-            desc.xattrs.clear();
-            out.push((name, desc));
-        }
-        Ok(out)
+        self.with_namespace_quiet(|| sim_entries(self, dir))
     }
 
     fn read(&self, id: FileId, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
@@ -448,6 +439,20 @@ impl Source for Primary {
         buf[..n].copy_from_slice(&inode.data[start..start + n]);
         Ok(n)
     }
+}
+
+/// A directory's listing, the caller holding the namespace quiet (see `Source::entries`).
+fn sim_entries(core: &Primary, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>> {
+    let d = core.node(dir).map_err(|e| io::Error::from_raw_os_error(e.0))?;
+    let mut out = Vec::new();
+    for name in core.tree.read_dir(&d)? {
+        let child = core.tree.lookup(&d, &name)?;
+        let id = core.peek_id(&d, &name).map_err(|e| io::Error::from_raw_os_error(e.0))?;
+        let mut desc = describe(&core.tree, id, &child)?;
+        desc.xattrs.clear();
+        out.push((name, desc));
+    }
+    Ok(out)
 }
 
 fn describe(tree: &SimTree, id: FileId, node: &SimNode) -> io::Result<NodeDesc> {
