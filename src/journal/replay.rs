@@ -156,6 +156,7 @@ pub fn replay<S: Storage, T: Tree>(
     let mut rep = ReplayReport { from_lsn: sb.start_lsn.0, ..Default::default() };
     let mut redo = Redo { tree, ids, dry_run, journal, boot_id, set_id: sb.set_id };
     let mut done = 0u64;
+    let mut mtimes: HashMap<TxId, Vec<FileId>> = HashMap::new();
     reader::scan(storage, sb, |r| {
         if r.header.lsn.0 >= end.next_lsn.0 {
             return false;
@@ -175,14 +176,29 @@ pub fn replay<S: Storage, T: Tree>(
             Kind::Write => match record::decode_write(r.payload) {
                 // A data write's redo fails only where the primary's write failed too (same
                 // object, same bytes) and the `Abort` after it was lost: counted as aborted.
-                Ok((file, offset, data)) => redo.write(file, offset, data).or_else(|e| {
-                    rep.incomplete_failed.push(format!("lsn {}: write failed on redo: {e}", r.header.lsn.0));
-                    Ok(Outcome::Skipped)
-                }),
+                Ok((file, offset, data)) => {
+                    let done = redo.write(file, offset, data).or_else(|e| {
+                        rep.incomplete_failed.push(format!("lsn {}: write failed on redo: {e}", r.header.lsn.0));
+                        Ok(Outcome::Skipped)
+                    });
+                    if matches!(done, Ok(Outcome::Done)) {
+                        redo.set_mtime(file, r.header.time_ns);
+                    }
+                    done
+                }
                 Err(e) => Err(format!("write record {}: {e}", r.header.lsn.0)),
             },
+            Kind::Commit => {
+                // The times the primary gave the objects at this commit (Op::mtime_ids): a
+                // redo made them "now", and every mirror has the commit's time.
+                for id in mtimes.remove(&tx).unwrap_or_default() {
+                    redo.set_mtime(id, r.header.time_ns);
+                }
+                Ok(Outcome::Skipped)
+            }
             Kind::Op => match Op::decode(r.payload) {
                 Ok(op) => {
+                    mtimes.insert(tx, op.mtime_ids());
                     if !committed.contains(&tx) {
                         rep.incomplete += 1;
                     }
@@ -412,6 +428,21 @@ impl<S: Storage, T: Tree> Redo<'_, S, T> {
                 r => r,
             }),
             Op::Fallocate { id, mode, offset, len } => self.on(*id, |t, n| t.fallocate(n, *mode, *offset, *len)),
+        }
+    }
+
+    /// Gives `id` the mtime `time_ns` from a record (see `Op::mtime_ids`); an object gone is
+    /// skipped, and a failure costs only an mtime.
+    fn set_mtime(&self, id: FileId, time_ns: u64) {
+        if self.dry_run {
+            return;
+        }
+        let attr = crate::format::ops::SetAttr {
+            mtime: Some(crate::format::ops::Timestamp::from_ns(time_ns)),
+            ..Default::default()
+        };
+        if let Ok(node) = self.node(id) {
+            let _ = self.tree.set_attr(&node, &attr);
         }
     }
 
