@@ -40,6 +40,9 @@ const SYNC_EVERY: Duration = Duration::from_millis(10);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Settled notices remembered until the records they need are sent (a bound on memory; a
+/// notice not remembered is observed again later).
+const SETTLED_OBSERVED_MAX: usize = 4096;
 /// Entries per ResyncEntries message (keeps a control body well under its limit).
 const ENTRIES_PER_MESSAGE: usize = 256;
 
@@ -348,6 +351,7 @@ impl<S: Storage> Shipper<S> {
         let mut last_sent = Instant::now();
         let mut last_heard = Instant::now();
         let mut last_settled = None;
+        let mut observed: VecDeque<crate::journal::Settled> = VecDeque::new();
         self.link.lock().sent_below = cur.next;
         loop {
             if self.stop.load(Ordering::Acquire) {
@@ -404,12 +408,25 @@ impl<S: Storage> Shipper<S> {
                 idle = false;
                 last_sent = Instant::now();
             }
-            if last_settled != Some(settled) && cur.next >= settled.settled_below.min(durable) {
+            // Only a notice whose records are all sent is useful to the target: it applies
+            // below `settled_below` once it holds everything below `records_below`. Sending
+            // newer ones would let a target whose log filled up wait for records it has no
+            // room for (found by the benchmark: a 1 GiB burst into a 256 MiB target log).
+            if observed.back() != Some(&settled) && observed.len() < SETTLED_OBSERVED_MAX {
+                observed.push_back(settled);
+            }
+            let mut usable = None;
+            while observed.front().is_some_and(|o| o.records_below <= cur.next) {
+                usable = observed.pop_front();
+            }
+            if let Some(u) = usable
+                && last_settled != Some(u)
+            {
                 s.send(&Frame::Control(ControlMsg::Settled {
-                    settled_below: settled.settled_below.0,
-                    records_below: settled.records_below.0,
+                    settled_below: u.settled_below.0,
+                    records_below: u.records_below.0,
                 }))?;
-                last_settled = Some(settled);
+                last_settled = Some(u);
             }
             self.update_state(&journal, &cur);
             if last_sent.elapsed() >= self.timing.heartbeat_every {
