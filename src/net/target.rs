@@ -28,6 +28,8 @@ use crate::replica::target::{FrameHandler, TargetCore};
 
 /// A primary that sends nothing (not even a heartbeat) for this long is taken for gone.
 pub const PEER_SILENCE_MAX: Duration = Duration::from_secs(5);
+/// How often a target busy with one frame tells its primary it is still there.
+const HEARTBEAT_WHILE_BUSY: Duration = Duration::from_secs(1);
 /// How often the apply thread checkpoints the target's directory and log.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
@@ -248,7 +250,16 @@ impl Target {
                 eprintln!("ferryfs target: resync begins (full: {full})");
             }
             let (c, h) = (core.clone(), handler.clone());
-            let replies = blocking(move || h.lock().unwrap().handle(&c, frame)).await?;
+            // Slow disk work (a full log waiting for the apply, a checkpoint's syncfs, a
+            // resync's apply) must not read as silence: the primary hears heartbeats meanwhile.
+            let work = blocking(move || h.lock().unwrap().handle(&c, frame));
+            tokio::pin!(work);
+            let replies = loop {
+                tokio::select! {
+                    r = &mut work => break r?,
+                    _ = tokio::time::sleep(HEARTBEAT_WHILE_BUSY) => out.send(sock, &Frame::Heartbeat).await?,
+                }
+            };
             if resync_end {
                 eprintln!("ferryfs target: resync applied");
             }
