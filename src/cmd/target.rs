@@ -43,8 +43,10 @@ pub struct TargetArgs {
     /// Shared secret file, the same as the primary's --key.
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
-    /// Size of this target's log when it is created.
-    #[arg(long, default_value = "256M", value_parser = parse_size, value_name = "SIZE")]
+    /// Size of this target's log when it is created. Keep it at least the primary's
+    /// --journal-size: a backlog the primary ships after an outage can be that large, and the
+    /// target applies a record only once it holds the records that settle it.
+    #[arg(long, default_value = "1G", value_parser = parse_size, value_name = "SIZE")]
     pub log_size: u64,
 }
 
