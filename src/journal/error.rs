@@ -16,6 +16,9 @@ pub enum JournalError {
     Corrupt(String),
     #[error("the journal is full: {0}")]
     Full(String),
+    /// The real-time copy (the bunker) did not take the records and its policy is to fail.
+    #[error("the bunker does not hold the records: {0}")]
+    Mirror(String),
 }
 
 impl JournalError {

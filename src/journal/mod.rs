@@ -16,7 +16,7 @@ mod tests;
 
 pub use cursor::{CursorError, LogCursor};
 pub use error::JournalError;
-pub use writer::{Journal, JournalGeometry, Position, Retention, Settled};
+pub use writer::{AllRetentions, Journal, JournalGeometry, Mirror, Position, Retention, Settled};
 
 use crate::format::superblock::Superblock;
 use crate::io::Storage;

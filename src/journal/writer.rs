@@ -48,6 +48,34 @@ pub trait Retention: Send + Sync {
     fn release(&self);
 }
 
+/// Several holders of log space (the targets' hub and the bunker link): the lowest floor
+/// holds; on a full log each is asked to release, and lets go only if it is what holds it
+/// (its floor lies below `Journal::oldest_segment_end`).
+pub struct AllRetentions(pub Vec<Arc<dyn Retention>>);
+
+impl Retention for AllRetentions {
+    fn floor(&self) -> Option<Lsn> {
+        self.0.iter().filter_map(|r| r.floor()).min()
+    }
+    fn release(&self) {
+        for r in &self.0 {
+            r.release();
+        }
+    }
+}
+
+/// A copy of the log kept elsewhere in real time (the bunker, claims 003:2, 4, 14, 22): an
+/// fsync is answered once the local flush *and* the mirror hold its records. The mirror's
+/// link sends records as they are appended; `push` only says "someone waits: send now".
+pub trait Mirror: Send + Sync {
+    /// Records below `below` are appended; a caller is about to wait for them.
+    fn push(&self, below: Lsn);
+    /// Returns once the mirror holds every record below `below` durably, or once its policy
+    /// says to stop waiting (async mode; degraded after `--bunker-timeout`). An error fails
+    /// the fsync (a policy that prefers failing to degrading).
+    fn wait(&self, below: Lsn) -> Result<(), String>;
+}
+
 /// Pieces a record's payload may be given in (a write record: position, data).
 const MAX_PAYLOAD_PIECES: usize = 2;
 
@@ -74,7 +102,8 @@ pub struct Journal<S: Storage> {
     storage: S,
     geometry: JournalGeometry,
     set_id: [u8; 16],
-    epoch: u64,
+    /// The replication epoch stamped in new records (design §3); changed by a promotion.
+    epoch: AtomicU64,
     segments: Mutex<Vec<Option<Arc<S::Segment>>>>,
     state: Mutex<State<S::Segment>>,
     full_wait: Mutex<Duration>,
@@ -85,6 +114,7 @@ pub struct Journal<S: Storage> {
     checkpoint_lock: Mutex<()>,
     checkpoint_hook: OnceLock<CheckpointHook>,
     retention: OnceLock<Arc<dyn Retention>>,
+    mirror: OnceLock<Arc<dyn Mirror>>,
 }
 
 impl<S: Storage> Journal<S> {
@@ -137,7 +167,7 @@ impl<S: Storage> Journal<S> {
             storage,
             geometry,
             set_id: sb.set_id,
-            epoch: sb.epoch,
+            epoch: AtomicU64::new(sb.epoch),
             segments: Mutex::new(vec![None; geometry.segment_count as usize]),
             state: Mutex::new(state),
             full_wait: Mutex::new(FULL_WAIT_DEFAULT),
@@ -147,6 +177,7 @@ impl<S: Storage> Journal<S> {
             checkpoint_lock: Mutex::new(()),
             checkpoint_hook: OnceLock::new(),
             retention: OnceLock::new(),
+            mirror: OnceLock::new(),
         }
     }
 
@@ -165,6 +196,19 @@ impl<S: Storage> Journal<S> {
 
     pub fn superblock(&self) -> Superblock {
         self.superblock.lock().unwrap().clone()
+    }
+
+    /// The replication epoch (design §3).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Moves to replication epoch `epoch` (a promotion, or a fence): durable in the superblock
+    /// before it returns; records appended afterwards carry it.
+    pub fn set_epoch(&self, epoch: u64) -> Result<(), JournalError> {
+        self.write_superblock(|sb| sb.epoch = epoch)?;
+        self.epoch.store(epoch, Ordering::Release);
+        Ok(())
     }
 
     /// The next LSN to be assigned.
@@ -325,7 +369,7 @@ impl<S: Storage> Journal<S> {
             payload_len: 0,
             crc: 0,
             set_id: self.set_id,
-            epoch: self.epoch,
+            epoch: self.epoch.load(Ordering::Relaxed),
             time_ns,
         };
         let hdr = record::encode_header(header, payload);
@@ -518,6 +562,23 @@ impl<S: Storage> Journal<S> {
     pub fn sync(&self) -> Result<Lsn, JournalError> {
         let target = self.state.lock().unwrap().next_lsn;
         self.sync_to(target)
+    }
+
+    /// Sets the real-time copy an fsync also waits for (`sync_mirrored`).
+    pub fn set_mirror(&self, m: Arc<dyn Mirror>) {
+        let _ = self.mirror.set(m);
+    }
+
+    /// fsync's durability (design §1, "Durability contract"): every record appended so far is
+    /// durable here and, with a mirror, at the mirror. The mirror is told first, so its copy
+    /// travels while the local flush runs (003:4, "substantially simultaneously").
+    pub fn sync_mirrored(&self) -> Result<Lsn, JournalError> {
+        let Some(m) = self.mirror.get() else { return self.sync() };
+        let target = self.state.lock().unwrap().next_lsn;
+        m.push(target);
+        let upto = self.sync_to(target)?;
+        m.wait(target).map_err(JournalError::Mirror)?;
+        Ok(upto)
     }
 
     /// Flushes everything written, even when no record was appended (a fresh segment header).

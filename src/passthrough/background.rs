@@ -47,7 +47,11 @@ impl Background {
                         if let (false, Some(flush)) = (is_checkpoint, &kernel_flush) {
                             flush();
                         }
-                        let r = if is_checkpoint { core.checkpoint().map(|_| ()) } else { core.sync().map(|_| ()) };
+                        let r = if is_checkpoint {
+                            core.checkpoint().map(|_| ())
+                        } else {
+                            core.journal.sync().map(|_| ()).map_err(|e| crate::passthrough::Errno(e.errno()))
+                        };
                         if let Err(e) = r {
                             tracing::error!("{name}: errno {}", e.0);
                         }

@@ -403,8 +403,9 @@ impl<S: Storage, T: Tree> Core<S, T> {
 
     /// fsync/fdatasync/O_SYNC: every record journaled so far is durable when this returns.
     /// Concurrent callers share one flush.
+    /// With a bunker in sync mode, also held there (`Journal::sync_mirrored`).
     pub fn sync(&self) -> R<Lsn> {
-        Ok(self.journal.sync()?)
+        Ok(self.journal.sync_mirrored()?)
     }
 
     pub fn checkpoint(&self) -> R<Lsn> {

@@ -3,4 +3,5 @@
 pub mod apply;
 #[cfg(test)]
 mod apply_tests;
+pub mod bunker;
 pub mod target;

@@ -902,6 +902,46 @@ pub mod control {
         /// Target to primary: resync `plan` is applied and durable, the log continues at its
         /// `resume_lsn`.
         ResyncDone { plan: u64 },
+        /// A node's log as it stands (docs/PROTOCOL.md, "Bunker and failover"): its replication
+        /// epoch, the oldest LSN it still holds, the next it expects, the next it would apply
+        /// (a bunker applies nothing: equal to `next_lsn`), whether a primary is connected to
+        /// it now, whether it was promoted by a failover, and whether it is an old primary
+        /// waiting to fail back (`ferryfs failback`). A target sends it after `Status`; a
+        /// bunker and a target send it first to a failover tool, and after each `Fence` and
+        /// `Promote`.
+        LogInfo {
+            epoch: u64,
+            start_lsn: u64,
+            next_lsn: u64,
+            applied_next: u64,
+            primary_connected: bool,
+            promoted: bool,
+            failback: bool,
+        },
+        /// Failover tool to bunker: send your records from `from_lsn` to your end, then
+        /// `ReadEnd`.
+        ReadLog { from_lsn: u64 },
+        /// Bunker to failover tool: every record it holds below `next_lsn` has been sent.
+        ReadEnd { next_lsn: u64 },
+        /// Failover tool to bunker or target: from now on refuse every primary of a lower
+        /// epoch than `epoch` (persisted before the reply, a `LogInfo`).
+        Fence { epoch: u64 },
+        /// Failover tool to target: the log now holds every record below `end_lsn`; apply them
+        /// all (transactions without an outcome by the failover rule), become the primary of
+        /// `epoch`, reply `LogInfo` once durable.
+        Promote { epoch: u64, end_lsn: u64 },
+        /// A node of a higher epoch to a primary of a lower one, before it closes: a failover
+        /// promoted a target at `epoch`; histories agree below `fork_lsn` (0: unknown).
+        Fenced { epoch: u64, fork_lsn: u64 },
+        /// Primary to bunker: your log cannot continue from where it ends (it is new, or it
+        /// fell behind what the primary's journal holds): restart it at `lsn`.
+        RestartAt { lsn: u64 },
+        /// New primary to an old primary waiting to fail back: our histories agree below
+        /// `fork_lsn`; send the locations you changed from there on (`DirtyMap`).
+        ForkPoint { fork_lsn: u64 },
+        /// Failback target to new primary: a piece of the encoded sync map of the locations it
+        /// changed past the fork (`syncmap::encode`); the last piece has `last` set.
+        DirtyMap { chunk: Vec<u8>, last: bool },
     }
 
     /// An object as a resync describes it (the primary's file id; the rest as `stat` says).
