@@ -24,6 +24,7 @@ enum Command {
     Replay(cmd::replay::ReplayArgs),
     Inspect(cmd::inspect::InspectArgs),
     Target(cmd::target::TargetArgs),
+    Failover(cmd::failover::FailoverArgs),
     Demo(cmd::demo::DemoArgs),
     Status(cmd::status::StatusArgs),
 }
@@ -43,6 +44,7 @@ fn main() {
         Command::Replay(a) => cmd::replay::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Target(a) => cmd::target::run(a),
+        Command::Failover(a) => cmd::failover::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Status(a) => cmd::status::run(a),
     };

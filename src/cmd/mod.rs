@@ -7,4 +7,5 @@ pub mod mount;
 pub mod replay;
 pub mod replication;
 pub mod status;
+pub mod failover;
 pub mod target;

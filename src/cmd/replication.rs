@@ -165,7 +165,7 @@ pub fn connectors(
         .iter()
         .map(|t| -> Box<dyn Connector> {
             match t {
-                TargetUrl::Tcp { addr, .. } => Box::new(TcpConnector { addr: *addr, set_id, epoch, key: key.cloned() }),
+                TargetUrl::Tcp { addr, .. } => Box::new(TcpConnector::new(*addr, set_id, epoch, key.cloned())),
                 TargetUrl::Dir { url, dir } => {
                     let state = journal_dir.join("targets").join(hub::map_file_name(url).trim_end_matches(".map"));
                     let g = JournalGeometry { segment_size: 16 << 20, segment_count: 8 };

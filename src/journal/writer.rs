@@ -211,6 +211,16 @@ impl<S: Storage> Journal<S> {
         Ok(())
     }
 
+    /// Records which backing directory the journal belongs to (a promoted target's log
+    /// becomes the new primary's journal over the target's directory).
+    pub fn set_backing(&self, dev: u64, ino: u64, path: Vec<u8>) -> Result<(), JournalError> {
+        self.write_superblock(|sb| {
+            sb.backing_dev = dev;
+            sb.backing_ino = ino;
+            sb.backing_path = path;
+        })
+    }
+
     /// The next LSN to be assigned.
     pub fn next_lsn(&self) -> Lsn {
         self.state.lock().unwrap().next_lsn

@@ -160,6 +160,9 @@ impl Target {
             .await
             .map_err(|_| "the handshake did not complete in time".to_string())??;
         let mut out = Out { enc: FrameEncoder::new(), buf: Vec::new() };
+        if est.peer.role == Role::FailoverTool {
+            return self.failover_session(&mut sock, &mut out, leftover, est.peer.set_id, peer).await;
+        }
         if est.peer.role != Role::Primary {
             out.bye(&mut sock, &format!("this is a mirror target; a {} cannot connect to it", est.peer.role.name()))
                 .await;
@@ -172,6 +175,18 @@ impl Target {
                 return Err(why);
             }
         };
+        if let Err(fenced) = core.admits(est.peer.epoch) {
+            let _ = out.send(&mut sock, &Frame::Control(fenced)).await;
+            return Err(format!(
+                "refused primary {peer} of epoch {}: a failover moved this target to epoch {}",
+                est.peer.epoch,
+                core.epoch()
+            ));
+        }
+        // A primary of a higher epoch (the new primary after a failover): followed from now on.
+        let c = core.clone();
+        let epoch = est.peer.epoch;
+        blocking(move || c.fence(epoch)).await?;
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Err(why) = self.claim(conn) {
             out.bye(&mut sock, &why).await;
@@ -179,7 +194,7 @@ impl Target {
         }
         tracing::info!("primary {peer} connected (authenticated: {})", est.authenticated);
         eprintln!("ferryfs target: primary {peer} connected");
-        let r = self.clone().session(&mut sock, &mut out, leftover, core, conn).await;
+        let r = self.clone().session(&mut sock, &mut out, leftover, core, conn, epoch).await;
         let mut a = self.active.lock().unwrap();
         if a.is_some_and(|(c, _)| c == conn) {
             *a = None;
@@ -220,8 +235,10 @@ impl Target {
         leftover: Vec<u8>,
         core: Arc<Core>,
         conn: u64,
+        peer_epoch: u64,
     ) -> Result<(), String> {
         out.send(sock, &Frame::Control(core.status_msg())).await?;
+        out.send(sock, &Frame::Control(core.log_info(true))).await?;
         let mut dec = FrameDecoder::new();
         dec.push(&leftover);
         let mut buf = vec![0u8; 1 << 20];
@@ -242,6 +259,10 @@ impl Target {
                 }
                 dec.push(&buf[..n]);
             };
+            if let Err(fenced) = core.admits(peer_epoch) {
+                let _ = out.send(sock, &Frame::Control(fenced)).await;
+                return Err("fenced by a failover: the old primary is refused from now on".into());
+            }
             if !self.heard(conn) || self.stop.load(Ordering::Acquire) {
                 return Err("replaced by a newer primary connection, or stopping".into());
             }
@@ -267,6 +288,119 @@ impl Target {
                 out.send(sock, &r).await?;
             }
         }
+    }
+
+    /// A failover tool (`ferryfs failover`, claims 003:7–9): it reads where the log stands,
+    /// fences this target, sends the records it lacks (each block staged, then appended), and
+    /// promotes it. A fence takes the primary's slot: a primary still connected is dropped at
+    /// its next frame and refused from then on (its epoch is lower).
+    async fn failover_session(
+        self: Arc<Self>,
+        sock: &mut TcpStream,
+        out: &mut Out,
+        leftover: Vec<u8>,
+        set_id: [u8; 16],
+        peer: SocketAddr,
+    ) -> Result<(), String> {
+        let core = match self.core() {
+            // An all-zero set id: a tool asking which set this is (our hello says it).
+            Some(c) if c.set_id() == set_id || set_id == [0; 16] => c,
+            Some(c) => {
+                let why = format!(
+                    "this target belongs to replication set {}, the failover names set {}",
+                    hex(&c.set_id()),
+                    hex(&set_id)
+                );
+                out.bye(sock, &why).await;
+                return Err(why);
+            }
+            None => {
+                let why = "this target has never received anything from a primary: there is nothing to fail over to";
+                out.bye(sock, why).await;
+                return Err(why.into());
+            }
+        };
+        eprintln!("ferryfs target: failover tool {peer} connected");
+        out.send(sock, &Frame::Control(core.log_info(self.primary_connected()))).await?;
+        let mut dec = FrameDecoder::new();
+        dec.push(&leftover);
+        let mut buf = vec![0u8; 1 << 20];
+        let backing = {
+            use std::os::unix::fs::MetadataExt;
+            let m =
+                std::fs::metadata(&self.config.dir).map_err(|e| format!("--dir {}: {e}", self.config.dir.display()))?;
+            (m.dev(), m.ino(), self.config.dir.as_os_str().as_encoded_bytes().to_vec())
+        };
+        loop {
+            let frame = loop {
+                match dec.next_frame() {
+                    Ok(Some(f)) => break f,
+                    Ok(None) => {}
+                    Err(e) => return Err(format!("bad frame from the failover tool: {e}")),
+                }
+                let n = tokio::time::timeout(PEER_SILENCE_MAX, sock.read(&mut buf))
+                    .await
+                    .map_err(|_| format!("the failover tool was silent for {PEER_SILENCE_MAX:?}"))?
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Ok(());
+                }
+                dec.push(&buf[..n]);
+            };
+            let c = core.clone();
+            let reply: Frame = match frame {
+                Frame::Heartbeat => continue,
+                Frame::Records(body) => {
+                    let work = blocking(move || c.receive_failover_block(&body).map(Frame::Ack));
+                    self.busy(sock, out, work).await?
+                }
+                Frame::Control(ControlMsg::Fence { epoch }) => {
+                    *self.active.lock().unwrap() = None;
+                    let work = blocking(move || c.fence(epoch).map(|_| Frame::Control(c.log_info(false))));
+                    let r = self.busy(sock, out, work).await?;
+                    eprintln!("ferryfs target: fenced at epoch {epoch} by failover tool {peer}");
+                    r
+                }
+                Frame::Control(ControlMsg::Promote { epoch, end_lsn }) => {
+                    let b = backing.clone();
+                    let work = blocking(move || {
+                        c.promote(epoch, crate::types::Lsn(end_lsn), b).map(|_| Frame::Control(c.log_info(false)))
+                    });
+                    let r = self.busy(sock, out, work).await?;
+                    eprintln!(
+                        "ferryfs target: PROMOTED to primary of epoch {epoch}: every record below LSN {end_lsn} is applied \
+                         to {}; stop this target and mount the directory with --journal {}",
+                        self.config.dir.display(),
+                        self.config.state.join("log").display()
+                    );
+                    r
+                }
+                Frame::Control(ControlMsg::Bye { .. }) => return Ok(()),
+                other => return Err(format!("the failover tool sent an unexpected {} frame", other.kind().name())),
+            };
+            out.send(sock, &reply).await?;
+        }
+    }
+
+    /// Runs disk work, with heartbeats to the peer while it lasts.
+    async fn busy(
+        &self,
+        sock: &mut TcpStream,
+        out: &mut Out,
+        work: impl std::future::Future<Output = Result<Frame, String>>,
+    ) -> Result<Frame, String> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                r = &mut work => return r,
+                _ = tokio::time::sleep(HEARTBEAT_WHILE_BUSY) => out.send(sock, &Frame::Heartbeat).await?,
+            }
+        }
+    }
+
+    /// Whether a primary is connected and was heard from lately.
+    fn primary_connected(&self) -> bool {
+        self.active.lock().unwrap().is_some_and(|(_, t)| t.elapsed() < PEER_SILENCE_MAX)
     }
 
     /// Applies settled records as they come, and checkpoints now and then.

@@ -4,4 +4,5 @@ pub mod apply;
 #[cfg(test)]
 mod apply_tests;
 pub mod bunker;
+pub mod failover;
 pub mod target;

@@ -42,6 +42,12 @@ use crate::proto::wire::control::{ControlMsg, NodeDesc};
 use crate::types::{FileId, Lsn};
 
 pub const IDS_FILE: &str = "ids";
+/// In the log's directory once a failover promoted this target (docs/FORMAT.md): the new
+/// epoch and the fork LSN. The log directory then serves as the new primary's journal.
+pub const PROMOTION_FILE: &str = "promotion";
+const PROMOTION_MAGIC: [u8; 8] = *b"FRYPROM1";
+/// The failover's landing area for one block of records (claim 003:9).
+const FAILOVER_STAGING_FILE: &str = "failover-staging";
 const STAGING_FILE: &str = "resync-staging";
 const PENDING_FILE: &str = "resync-pending";
 /// Records applied per step before the lock is let go.
@@ -56,6 +62,11 @@ pub struct TargetPosition {
     pub durable_next: u64,
     /// Every record below this is applied to its directory.
     pub applied_next: u64,
+    /// The replication epoch of its log.
+    pub epoch: u64,
+    /// An old primary waiting to fail back (`ferryfs failback`): it sends its own changes
+    /// past the fork when asked (`ForkPoint`).
+    pub failback: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +233,8 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             next_lsn: self.journal.next_lsn().0,
             durable_next: self.journal.durable_lsn().0,
             applied_next: self.applied_next.load(Ordering::Acquire),
+            epoch: self.journal.epoch(),
+            failback: false,
         }
     }
 
@@ -236,6 +249,110 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         let next = self.journal.sync()?;
         self.counters.bytes_received.fetch_add(body.len() as u64, Ordering::Relaxed);
         Ok(Lsn(next.0 - 1))
+    }
+
+    /// The replication epoch of this target's log (design §3).
+    pub fn epoch(&self) -> u64 {
+        self.journal.epoch()
+    }
+
+    /// The promotion a failover made of this target, if any.
+    pub fn promotion(&self) -> Result<Option<Promotion>, TargetError> {
+        read_promotion(self.journal.storage())
+    }
+
+    /// Where histories agree below (`Fenced`): the promotion's fork, else 0 (unknown).
+    pub fn fork_lsn(&self) -> u64 {
+        self.promotion().ok().flatten().map_or(0, |p| p.fork_lsn)
+    }
+
+    /// The `LogInfo` message: where this target's log stands.
+    pub fn log_info(&self, primary_connected: bool) -> ControlMsg {
+        let p = self.position();
+        ControlMsg::LogInfo {
+            epoch: self.epoch(),
+            start_lsn: self.journal.superblock().start_lsn.0,
+            next_lsn: p.next_lsn,
+            applied_next: p.applied_next,
+            primary_connected,
+            promoted: self.promotion().ok().flatten().is_some(),
+            failback: false,
+        }
+    }
+
+    /// Whether a primary of `epoch` may ship here: not below this log's epoch (a failover
+    /// fenced or promoted it). The refusal is the `Fenced` message to send.
+    pub fn admits(&self, epoch: u64) -> Result<(), ControlMsg> {
+        if epoch < self.epoch() {
+            return Err(ControlMsg::Fenced { epoch: self.epoch(), fork_lsn: self.fork_lsn() });
+        }
+        Ok(())
+    }
+
+    /// From now on refuse every primary below `epoch`; durable when it returns.
+    pub fn fence(&self, epoch: u64) -> Result<(), TargetError> {
+        if epoch > self.epoch() {
+            self.journal.set_epoch(epoch)?;
+        }
+        Ok(())
+    }
+
+    /// A failover's block of records (claim 003:9): landed whole in the staging file, checked
+    /// there (every record whole, crc good, this set, continuing the log), then appended to
+    /// the log and made durable, then the staging is emptied. Returns the LSN to ack. A crash
+    /// in between loses only the unacked block; the tool resends from the log's end.
+    pub fn receive_failover_block(&self, body: &[u8]) -> Result<Lsn, TargetError> {
+        let path = self.state_dir.join(FAILOVER_STAGING_FILE);
+        fs::write(&path, body).map_err(io_err(format!("writing {}", path.display())))?;
+        let staged = fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let lsn = self.receive(&staged)?;
+        fs::write(&path, b"").map_err(io_err(format!("emptying {}", path.display())))?;
+        Ok(lsn)
+    }
+
+    /// The failover's last step (claims 003:8–9): the log holds every record below
+    /// `end_lsn`; apply them all, a transaction without an outcome by the failover rule (it
+    /// is redone, like the primary's own replay would; an op whose redo cannot be done is
+    /// skipped), sync, and become the primary of `epoch`: the log's directory is then a
+    /// journal for `ferryfs mount --backing <--dir> --journal <--state>/log`. Running it
+    /// again with the same arguments changes nothing.
+    pub fn promote(&self, epoch: u64, end_lsn: Lsn, backing: (u64, u64, Vec<u8>)) -> Result<Promotion, TargetError> {
+        if let Some(p) = self.promotion()? {
+            if p.epoch == epoch && p.fork_lsn == end_lsn.0 {
+                return Ok(p);
+            }
+            if p.epoch >= epoch {
+                return Err(TargetError::Protocol(format!(
+                    "this target was already promoted at epoch {} (fork at LSN {}); refusing a promotion at epoch {epoch}",
+                    p.epoch, p.fork_lsn
+                )));
+            }
+        }
+        let next = self.journal.next_lsn();
+        if next != end_lsn {
+            return Err(TargetError::Protocol(format!(
+                "the failover ends at LSN {} but this target's log holds records up to {}: refusing to promote",
+                end_lsn.0,
+                next.0.saturating_sub(1)
+            )));
+        }
+        {
+            let mut st = self.apply.lock().unwrap();
+            st.settled.clear();
+            st.limit = st.limit.max(end_lsn);
+            self.apply_upto(&mut st, end_lsn)?;
+        }
+        self.checkpoint()?;
+        let promotion = Promotion { epoch, fork_lsn: end_lsn.0 };
+        self.journal
+            .storage()
+            .write_file_atomic(PROMOTION_FILE, &promotion.encode())
+            .map_err(io_err("writing the promotion record"))?;
+        let (dev, ino, path) = backing;
+        self.journal.set_backing(dev, ino, path)?;
+        self.fence(epoch)?;
+        self.journal.close_clean()?;
+        Ok(promotion)
     }
 
     /// Where applying stands, for diagnostics: cursor, usable limit, queued notices.
@@ -601,6 +718,49 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             st.aborted.extend(aborts);
         }
         Ok(())
+    }
+}
+
+/// A failover's promotion of a target (`PROMOTION_FILE`): the epoch it made this target the
+/// primary of, and the fork: both histories hold the same records below `fork_lsn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Promotion {
+    pub epoch: u64,
+    pub fork_lsn: u64,
+}
+
+impl Promotion {
+    /// "FRYPROM1", epoch (u64 LE), fork LSN (u64 LE), crc32c of the 24 bytes before it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = PROMOTION_MAGIC.to_vec();
+        v.extend_from_slice(&self.epoch.to_le_bytes());
+        v.extend_from_slice(&self.fork_lsn.to_le_bytes());
+        let crc = crc32c::crc32c(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Promotion, String> {
+        if b.len() != 28 || b[..8] != PROMOTION_MAGIC {
+            return Err(format!("not a promotion record ({} bytes)", b.len()));
+        }
+        if crc32c::crc32c(&b[..24]) != u32::from_le_bytes(b[24..28].try_into().unwrap()) {
+            return Err("the promotion record fails its crc".into());
+        }
+        Ok(Promotion {
+            epoch: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            fork_lsn: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+        })
+    }
+}
+
+/// The promotion record in a log's (or a journal's) directory, if there is one.
+pub fn read_promotion<S: Storage>(storage: &S) -> Result<Option<Promotion>, TargetError> {
+    match storage.read_file(PROMOTION_FILE).map_err(io_err("reading the promotion record"))? {
+        None => Ok(None),
+        Some(b) => Promotion::decode(&b)
+            .map(Some)
+            .map_err(|e| TargetError::Protocol(format!("`{PROMOTION_FILE}` in the log directory: {e}"))),
     }
 }
 

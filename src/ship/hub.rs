@@ -29,6 +29,8 @@ pub enum LinkState {
     InitialSync,
     Resyncing,
     InSync,
+    /// A failover promoted a target past this primary: it ships nothing (`Hub::fence`).
+    Fenced,
 }
 
 impl LinkState {
@@ -39,6 +41,7 @@ impl LinkState {
             LinkState::InitialSync => "initial-sync",
             LinkState::Resyncing => "resyncing",
             LinkState::InSync => "in-sync",
+            LinkState::Fenced => "fenced",
         }
     }
 }
@@ -100,6 +103,53 @@ pub struct Hub<S: Storage> {
     pub links: Vec<Arc<Link>>,
     persist_lock: Mutex<()>,
     pub started: Instant,
+    fence: Mutex<Option<Fence>>,
+}
+
+/// A failover moved the replication set on past this primary (design §5, "Failback"): a
+/// target or the bunker answered with a higher epoch. Kept in `FENCE_FILE` in the journal
+/// directory, so every later mount knows it at once and ships nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub epoch: u64,
+    /// Histories agree below this LSN (0: unknown).
+    pub fork_lsn: u64,
+    /// Who said so, and the words for the operator.
+    pub text: String,
+}
+
+pub const FENCE_FILE: &str = "fenced";
+const FENCE_MAGIC: [u8; 8] = *b"FRYFENC1";
+
+impl Fence {
+    /// "FRYFENC1", epoch (u64 LE), fork LSN (u64 LE), the text (UTF-8, to the end).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = FENCE_MAGIC.to_vec();
+        v.extend_from_slice(&self.epoch.to_le_bytes());
+        v.extend_from_slice(&self.fork_lsn.to_le_bytes());
+        v.extend_from_slice(self.text.as_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Fence, String> {
+        if b.len() < 24 || b[..8] != FENCE_MAGIC {
+            return Err(format!("`{FENCE_FILE}` is not a fence record"));
+        }
+        Ok(Fence {
+            epoch: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            fork_lsn: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            text: String::from_utf8_lossy(&b[24..]).into_owned(),
+        })
+    }
+}
+
+/// The fence recorded in a journal directory, if any.
+pub fn read_fence<S: Storage>(storage: &S) -> Result<Option<Fence>, String> {
+    match storage.read_file(FENCE_FILE) {
+        Ok(None) => Ok(None),
+        Ok(Some(b)) => Fence::decode(&b).map(Some),
+        Err(e) => Err(format!("reading `{FENCE_FILE}` in the journal directory: {e}")),
+    }
 }
 
 /// A file name for a target's map: its url with everything but `[A-Za-z0-9.-]` as `_`.
@@ -225,7 +275,49 @@ impl<S: Storage> Hub<S> {
                 })
             })
             .collect();
-        Arc::new(Hub { journal, links, persist_lock: Mutex::new(()), started: Instant::now() })
+        let fence = match read_fence(journal.storage()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("{e}; taking this primary for fenced");
+                Some(Fence { epoch: u64::MAX, fork_lsn: 0, text: e })
+            }
+        };
+        let hub =
+            Hub { journal, links, persist_lock: Mutex::new(()), started: Instant::now(), fence: Mutex::new(None) };
+        if let Some(f) = fence {
+            hub.set_fenced(f);
+        }
+        Arc::new(hub)
+    }
+
+    /// Records that a failover moved the set on past this primary: every link stops for good
+    /// (shippers check `fenced`), durable in `FENCE_FILE` first. The first fence heard wins.
+    pub fn fence(&self, f: Fence) {
+        if self.fenced().is_some() {
+            return;
+        }
+        eprintln!("ferryfs: ERROR: {}", f.text);
+        tracing::error!("{}", f.text);
+        if let Err(e) = self.journal.storage().write_file_atomic(FENCE_FILE, &f.encode()) {
+            tracing::error!("writing `{FENCE_FILE}`: {e}");
+        }
+        self.set_fenced(f);
+    }
+
+    fn set_fenced(&self, f: Fence) {
+        for link in &self.links {
+            let mut st = link.lock();
+            st.state = LinkState::Fenced;
+            st.last_error = Some(f.text.clone());
+            drop(st);
+            link.wake.notify_all();
+        }
+        *self.fence.lock().unwrap() = Some(f);
+    }
+
+    /// Set once a failover fenced this primary: nothing is shipped.
+    pub fn fenced(&self) -> Option<Fence> {
+        self.fence.lock().unwrap().clone()
     }
 
     pub fn journal(&self) -> &Arc<Journal<S>> {

@@ -37,6 +37,10 @@ pub trait Session: Send {
 /// Opens sessions to one target.
 pub trait Connector: Send {
     fn connect(&mut self) -> Result<Box<dyn Session>, String>;
+    /// Set once the peer said a failover fenced it (`ControlMsg::Fenced`): (epoch, fork LSN).
+    fn fenced(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 // ----- TCP ---------------------------------------------------------------------------------
@@ -46,12 +50,24 @@ pub struct TcpConnector {
     pub set_id: [u8; 16],
     pub epoch: u64,
     pub key: Option<Key>,
+    /// The peer's `Fenced` (epoch, fork), from the handshake or from any later frame.
+    pub fence: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
+}
+
+impl TcpConnector {
+    pub fn new(addr: SocketAddr, set_id: [u8; 16], epoch: u64, key: Option<Key>) -> TcpConnector {
+        TcpConnector { addr, set_id, epoch, key, fence: Default::default() }
+    }
 }
 
 /// How long a target may stay silent (no ack, no heartbeat) before the connection is dropped.
 pub const TARGET_SILENCE_MAX: Duration = Duration::from_secs(10);
 
 impl Connector for TcpConnector {
+    fn fenced(&self) -> Option<(u64, u64)> {
+        *self.fence.lock().unwrap()
+    }
+
     fn connect(&mut self) -> Result<Box<dyn Session>, String> {
         let cfg = HandshakeConfig {
             role: Role::Primary,
@@ -70,15 +86,32 @@ impl Connector for TcpConnector {
             return Err(format!("{} mirrors another replication set; refusing to ship to it", self.addr));
         }
         writer.set_timeout(TARGET_SILENCE_MAX).map_err(|e| e.to_string())?;
-        let position = match reader.recv(TARGET_SILENCE_MAX) {
-            Ok(Frame::Control(ControlMsg::Status { next_lsn, durable_lsn, applied_lsn })) => {
-                TargetPosition { next_lsn, durable_next: durable_lsn + 1, applied_next: applied_lsn + 1 }
+        let mut position = match reader.recv(TARGET_SILENCE_MAX) {
+            Ok(Frame::Control(ControlMsg::Status { next_lsn, durable_lsn, applied_lsn })) => TargetPosition {
+                next_lsn,
+                durable_next: durable_lsn + 1,
+                applied_next: applied_lsn + 1,
+                epoch: 0,
+                failback: false,
+            },
+            Ok(Frame::Control(ControlMsg::Fenced { epoch, fork_lsn })) => {
+                *self.fence.lock().unwrap() = Some((epoch, fork_lsn));
+                return Err(fenced_text(self.addr, epoch, fork_lsn, self.epoch));
             }
             Ok(Frame::Control(ControlMsg::Bye { reason })) => return Err(format!("the target refused: {reason}")),
             Ok(other) => return Err(format!("the target began with {:?} instead of its status", other.kind())),
             Err(e) => return Err(format!("waiting for the target's status: {e}")),
         };
+        match reader.recv(TARGET_SILENCE_MAX) {
+            Ok(Frame::Control(ControlMsg::LogInfo { epoch, failback, .. })) => {
+                position.epoch = epoch;
+                position.failback = failback;
+            }
+            Ok(other) => return Err(format!("the target sent {:?} instead of its log info", other.kind())),
+            Err(e) => return Err(format!("waiting for the target's log info: {e}")),
+        }
         let (tx, rx) = mpsc::sync_channel(1024);
+        let (fence, addr, ours) = (self.fence.clone(), self.addr, self.epoch);
         std::thread::Builder::new()
             .name("ship-acks".into())
             .spawn(move || {
@@ -91,6 +124,10 @@ impl Connector for TcpConnector {
                             Event::Closed(format!("the target said: {reason}"))
                         }
                         Ok(Frame::Control(ControlMsg::Status { .. })) => continue,
+                        Ok(Frame::Control(ControlMsg::Fenced { epoch, fork_lsn })) => {
+                            *fence.lock().unwrap() = Some((epoch, fork_lsn));
+                            Event::Closed(fenced_text(addr, epoch, fork_lsn, ours))
+                        }
                         Ok(f) => Event::Closed(format!("the target sent an unexpected {} frame", f.kind().name())),
                         Err(NetError::Timeout(t)) => Event::Closed(format!("the target was silent for {t:?}")),
                         Err(e) => Event::Closed(e.to_string()),
@@ -104,6 +141,19 @@ impl Connector for TcpConnector {
             .map_err(|e| e.to_string())?;
         Ok(Box::new(TcpSession { writer, events: rx, position }))
     }
+}
+
+/// Marks a connection refused because a failover fenced the peer: the shipper stops for
+/// good instead of reconnecting (see `Hub::fence`).
+pub const FENCED_PREFIX: &str = "FENCED: ";
+
+/// The refusal of a fenced peer, as the shipper's error text (starts with `FENCED_PREFIX`).
+pub fn fenced_text(peer: impl std::fmt::Display, epoch: u64, fork_lsn: u64, ours: u64) -> String {
+    format!(
+        "{FENCED_PREFIX}{peer} was fenced by a failover at epoch {epoch} (this primary is at epoch {ours}; histories \
+         agree below LSN {fork_lsn}): this node is no longer the primary and ships nothing; fail it back \
+         (docs/OPERATIONS.md, \"Failback\")"
+    )
 }
 
 struct TcpSession {

@@ -87,6 +87,9 @@ impl<S: Storage> Shipper<S> {
     pub fn run(&self, mut connector: Box<dyn Connector>) {
         let mut backoff = self.timing.backoff_min;
         while !self.stop.load(Ordering::Acquire) {
+            if self.hub.fenced().is_some() {
+                return;
+            }
             let result = connector.connect().and_then(|mut s| {
                 backoff = self.timing.backoff_min;
                 self.serve(s.as_mut())
@@ -95,6 +98,12 @@ impl<S: Storage> Shipper<S> {
                 Ok(()) => return,
                 Err(why) => why,
             };
+            if let Some((epoch, fork_lsn)) = connector.fenced() {
+                let text =
+                    format!("target {}: {}", self.link.url, why.trim_start_matches(super::session::FENCED_PREFIX));
+                self.hub.fence(super::hub::Fence { epoch, fork_lsn, text });
+                return;
+            }
             // 000:12: acks stopped; the map goes to disk now, not at the next timer.
             if let Err(e) = self.hub.persist_link(&self.link) {
                 tracing::error!("{e}");

@@ -1,0 +1,464 @@
+//! `ferryfs failover`: brings a mirror target to the primary's last acknowledged write from
+//! the bunker's copy of the journal, and promotes it (claims 003:1, 7–9).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::common;
+use super::replication::read_key;
+use crate::net::conn::{self, NetError, Reader, Writer};
+use crate::os::storage::DirStorage;
+use crate::proto::wire::control::ControlMsg;
+use crate::proto::wire::{Frame, HandshakeConfig, Key, Role};
+use crate::replica::bunker::BunkerCore;
+use crate::replica::failover::{IncompleteScan, LogView, Plan, plan};
+use crate::types::Lsn;
+
+/// How long a peer may stay silent (no frame, no heartbeat) during a failover.
+const SILENCE_MAX: Duration = Duration::from_secs(30);
+/// Records per block moved from the bunker to the target (the bunker's frames).
+const BLOCK_BYTES: usize = 1 << 20;
+
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "After the primary's loss: bring a mirror target up to date from the bunker and promote it",
+    long_about = "Run by an operator once the primary is lost (claim 003:7). In order:\n\n\
+1. Asks the bunker and the target where their logs stand (epoch, oldest and next LSN) and refuses when \
+either still hears a live primary (--force overrides), when they belong to different replication sets, or \
+when the bunker no longer holds records the target lacks.\n\
+2. Fences both at a new epoch (the highest seen + 1), durably: from then on both refuse the old primary, \
+which learns at its next contact that it was failed over (it stops shipping; see `ferryfs failback`).\n\
+3. Copies every record the target lacks from the bunker, in blocks of up to 1 MiB. The target lands each \
+block in a staging file, checks every record (crc, set, LSN order), appends them to its own log and makes \
+them durable before it acknowledges the block (claim 003:9).\n\
+4. Promotes the target: it applies its whole log, in LSN order, to its directory, syncs it, and becomes the \
+primary of the new epoch. Records of transactions that were incomplete at the crash are applied by the \
+failover rule (below) and listed.\n\n\
+Failover rule for incomplete transactions (claim 003:8): the target applies the moved records exactly as \
+the primary's own crash recovery would. A data write carries no outcome record unless it failed, so a write \
+record without an abort is applied. An operation (create, rename, chmod, ...) whose commit or abort is not \
+in the log was cut off by the crash: its client never got a reply, so either outcome is allowed; it is \
+redone, and skipped if the redo cannot be done.\n\n\
+Afterwards, with the bunker in sync mode, the target holds every write whose fsync returned on the \
+primary, in write order. Running failover again is harmless: a promoted target that holds everything the \
+bunker has is reported as done. --dry-run reads both sides and the records, and prints what would be \
+sent, changing nothing.\n\n\
+Then: stop `ferryfs target` on the promoted node and mount its directory as the new primary, with its \
+state's log as the journal: `ferryfs mount MNT --backing <target --dir> --journal <target --state>/log`.\n\n\
+Exit status: 0 when the target is promoted (or already was), 1 on any refusal or error (nothing is \
+changed by a refusal before step 2).",
+    after_help = "EXAMPLES:\n  ferryfs failover --bunker tcp://10.0.0.2:7301 --target tcp://10.1.0.9:7070 --dry-run\n  \
+ferryfs failover --bunker tcp://10.0.0.2:7301 --target tcp://10.1.0.9:7070 --key /etc/ferryfs/key\n  \
+ferryfs failover --bunker /mnt/second-disk/bunker --target tcp://10.1.0.9:7070"
+)]
+pub struct FailoverArgs {
+    /// The bunker: `tcp://HOST:PORT` (a `ferryfs bunker`) or the directory of a `--bunker DIR`
+    /// mirror.
+    #[arg(long, value_name = "URL")]
+    pub bunker: String,
+    /// The mirror target to bring up to date and promote: `tcp://HOST:PORT` (a `ferryfs target`).
+    #[arg(long, value_name = "URL")]
+    pub target: String,
+    /// Say what would be sent; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Fail over even though the bunker or the target still hears a primary (it is fenced).
+    #[arg(long)]
+    pub force: bool,
+    /// Shared secret file, the same as the bunker's and the target's --key.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+}
+
+pub fn run(a: FailoverArgs) -> Result<()> {
+    let key = a.key.as_deref().map(read_key).transpose()?;
+    let target_addr = tcp_addr("--target", &a.target)?;
+    let mut bunker: Box<dyn BunkerSide> = match a.bunker.strip_prefix("tcp://") {
+        Some(_) => Box::new(TcpBunker::connect(tcp_addr("--bunker", &a.bunker)?, key.clone())?),
+        None => Box::new(DirBunker::open(&a.bunker)?),
+    };
+    let mut target = TcpTarget::connect(target_addr, key)?;
+    if bunker.set_id() != target.set_id {
+        bail!(
+            "the bunker ({}) and the target ({}) belong to different replication sets ({} and {}); nothing was changed",
+            a.bunker,
+            a.target,
+            hex(&bunker.set_id()),
+            hex(&target.set_id)
+        );
+    }
+    let (b, t) = (bunker.view(), target.view);
+    eprintln!(
+        "bunker {}: epoch {}, holds records {}..{}{}",
+        a.bunker,
+        b.epoch,
+        b.start_lsn,
+        b.next_lsn,
+        if b.primary_connected { ", a primary is CONNECTED" } else { "" }
+    );
+    eprintln!(
+        "target {}: epoch {}, log holds records below {}{}",
+        a.target,
+        t.epoch,
+        t.next_lsn,
+        if t.promoted { ", promoted" } else { "" }
+    );
+    let (from, bunker_next, end, epoch) = match plan(b, t, a.force).map_err(anyhow::Error::msg)? {
+        Plan::AlreadyDone { epoch, end_lsn } => {
+            println!(
+                "already failed over: {} is the primary of epoch {epoch} and holds every record below LSN {end_lsn}; \
+                 nothing to do",
+                a.target
+            );
+            return Ok(());
+        }
+        Plan::Move { from, bunker_next, end, epoch } => (from, bunker_next, end, epoch),
+    };
+    let to_move = bunker_next.saturating_sub(from);
+    if a.dry_run {
+        let mut scan = IncompleteScan::default();
+        if to_move > 0 {
+            bunker.read(Lsn(from), &mut |block| {
+                scan.feed(block);
+                Ok(())
+            })?;
+        }
+        println!(
+            "dry run: would fence the bunker and the target at epoch {epoch}, send {} records ({}) of LSN {from}..{bunker_next} \
+             from the bunker to the target, and promote it with every record below LSN {end}",
+            scan.records,
+            common::human_bytes(scan.bytes)
+        );
+        report_incomplete(&scan);
+        println!("nothing was changed");
+        return Ok(());
+    }
+    bunker.fence(epoch)?;
+    target.fence(epoch)?;
+    eprintln!("fenced the bunker and the target at epoch {epoch}: the old primary is refused from now on");
+    // The bunker's start cannot have moved past `from` since the plan (no primary feeds it now),
+    // but a bunker restarted by hand could have: checked again.
+    if to_move > 0 && bunker.view().start_lsn > from {
+        bail!("the bunker no longer holds record {from}; the target was fenced at epoch {epoch} but not changed");
+    }
+    let started = Instant::now();
+    let mut scan = IncompleteScan::default();
+    if to_move > 0 {
+        let bar = common::progress_bar("moving records");
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("moving records {pos}/{len} [{bar:30}] {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_length(to_move);
+        bunker.read(Lsn(from), &mut |block| {
+            scan.feed(block);
+            target.send_block(block)?;
+            bar.set_position(scan.records);
+            Ok(())
+        })?;
+        target.wait_acked(Lsn(bunker_next - 1))?;
+        bar.finish_and_clear();
+    }
+    let moved = started.elapsed();
+    eprintln!(
+        "moved {} records ({}) in {:.1}s; promoting the target (it applies its log to its directory)",
+        scan.records,
+        common::human_bytes(scan.bytes),
+        moved.as_secs_f64()
+    );
+    report_incomplete(&scan);
+    let promoted = target.promote(epoch, end)?;
+    println!(
+        "failover complete: {} is the primary of epoch {} and holds every record below LSN {} (applied {}); \
+         {} records ({}) came from the bunker in {:.1}s",
+        a.target,
+        promoted.epoch,
+        end,
+        promoted.next_lsn,
+        scan.records,
+        common::human_bytes(scan.bytes),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "next: stop `ferryfs target` there and mount its directory as the new primary: \
+         ferryfs mount MNT --backing <its --dir> --journal <its --state>/log"
+    );
+    Ok(())
+}
+
+fn report_incomplete(scan: &IncompleteScan) {
+    let open = scan.incomplete();
+    if open.is_empty() {
+        println!("incomplete transactions among the moved records: none");
+        return;
+    }
+    println!(
+        "incomplete transactions among the moved records: {} (no commit or abort in the log; redone by the \
+         failover rule):",
+        open.len()
+    );
+    for i in open.iter().take(10) {
+        println!("  lsn {}: {}", i.lsn.0, i.what);
+    }
+    if open.len() > 10 {
+        println!("  ... and {} more", open.len() - 10);
+    }
+}
+
+fn tcp_addr(flag: &str, url: &str) -> Result<SocketAddr> {
+    let Some(rest) = url.strip_prefix("tcp://") else {
+        bail!("{flag} {url}: expected tcp://HOST:PORT");
+    };
+    rest.to_socket_addrs()
+        .with_context(|| format!("{flag} {url}: not a HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{flag} {url}: the host has no address"))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn handshake_cfg(key: Option<Key>) -> HandshakeConfig {
+    HandshakeConfig {
+        role: Role::FailoverTool,
+        // "Tell me": the peers' hellos carry their set ids, compared here.
+        set_id: [0; 16],
+        epoch: 0,
+        instance_id: conn::instance_id(),
+        nonce: conn::nonce(),
+        key,
+    }
+}
+
+fn log_view(msg: ControlMsg, who: &str) -> Result<LogView> {
+    match msg {
+        ControlMsg::LogInfo { epoch, start_lsn, next_lsn, primary_connected, promoted, .. } => {
+            Ok(LogView { epoch, start_lsn, next_lsn, primary_connected, promoted })
+        }
+        ControlMsg::Bye { reason } => bail!("{who} refused: {reason}"),
+        other => bail!("{who} sent {other:?} instead of where its log stands"),
+    }
+}
+
+/// The next frame that is not a heartbeat.
+fn recv(r: &mut Reader, who: &str) -> Result<Frame> {
+    loop {
+        match r.recv(SILENCE_MAX) {
+            Ok(Frame::Heartbeat) => continue,
+            Ok(Frame::Control(ControlMsg::Bye { reason })) => bail!("{who} closed the connection: {reason}"),
+            Ok(f) => return Ok(f),
+            Err(NetError::Timeout(t)) => bail!("{who} was silent for {t:?}"),
+            Err(e) => bail!("{who}: {e}"),
+        }
+    }
+}
+
+fn control(r: &mut Reader, who: &str) -> Result<ControlMsg> {
+    match recv(r, who)? {
+        Frame::Control(m) => Ok(m),
+        f => bail!("{who} sent an unexpected {} frame", f.kind().name()),
+    }
+}
+
+// ----- the bunker's side --------------------------------------------------------------------
+
+trait BunkerSide {
+    fn set_id(&self) -> [u8; 16];
+    fn view(&mut self) -> LogView;
+    fn fence(&mut self, epoch: u64) -> Result<()>;
+    /// Every record from `from` to the bunker's end, in blocks.
+    fn read(&mut self, from: Lsn, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>;
+}
+
+struct TcpBunker {
+    reader: Reader,
+    writer: Writer,
+    set_id: [u8; 16],
+    view: LogView,
+}
+
+impl TcpBunker {
+    fn connect(addr: SocketAddr, key: Option<Key>) -> Result<TcpBunker> {
+        let (mut reader, writer, est) = conn::connect(addr, handshake_cfg(key), Duration::from_secs(5))
+            .with_context(|| format!("connecting to the bunker at {addr}"))?;
+        if est.peer.role != Role::Bunker {
+            bail!("{addr} is a {}, not a bunker", est.peer.role.name());
+        }
+        let view = log_view(control(&mut reader, "the bunker")?, "the bunker")?;
+        Ok(TcpBunker { reader, writer, set_id: est.peer.set_id, view })
+    }
+}
+
+impl BunkerSide for TcpBunker {
+    fn set_id(&self) -> [u8; 16] {
+        self.set_id
+    }
+    fn view(&mut self) -> LogView {
+        self.view
+    }
+    fn fence(&mut self, epoch: u64) -> Result<()> {
+        self.writer.send(&Frame::Control(ControlMsg::Fence { epoch }))?;
+        self.view = log_view(control(&mut self.reader, "the bunker")?, "the bunker")?;
+        if self.view.epoch < epoch {
+            bail!("the bunker did not take the fence at epoch {epoch} (it says epoch {})", self.view.epoch);
+        }
+        Ok(())
+    }
+    fn read(&mut self, from: Lsn, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        self.writer.send(&Frame::Control(ControlMsg::ReadLog { from_lsn: from.0 }))?;
+        let mut expect = from;
+        let mut last_beat = Instant::now();
+        loop {
+            match recv(&mut self.reader, "the bunker")? {
+                Frame::Records(body) => {
+                    let first = crate::format::record::decode_header(&body, body.len())
+                        .map_err(|e| anyhow::anyhow!("the bunker sent a bad record: {e}"))?;
+                    if first.lsn != expect {
+                        bail!("the bunker sent record {} where {} was due", first.lsn.0, expect.0);
+                    }
+                    let count = crate::proto::wire::split_records(&body).count() as u64;
+                    expect = Lsn(expect.0 + count);
+                    sink(&body)?;
+                }
+                Frame::Control(ControlMsg::ReadEnd { next_lsn }) => {
+                    if next_lsn != expect.0 {
+                        bail!("the bunker ended its records at {next_lsn} but sent records up to {}", expect.0);
+                    }
+                    return Ok(());
+                }
+                f => bail!("the bunker sent an unexpected {} frame while sending records", f.kind().name()),
+            }
+            if last_beat.elapsed() >= Duration::from_secs(1) {
+                self.writer.send(&Frame::Heartbeat)?;
+                last_beat = Instant::now();
+            }
+        }
+    }
+}
+
+/// A `--bunker DIR` mirror, read in this process.
+struct DirBunker {
+    core: BunkerCore<DirStorage>,
+}
+
+impl DirBunker {
+    fn open(dir: &str) -> Result<DirBunker> {
+        let dir = common::existing_dir("--bunker", Path::new(dir))?;
+        let core = BunkerCore::open(DirStorage::new(&dir))
+            .map_err(|e| anyhow::anyhow!("--bunker {}: not a bunker's journal copy: {e}", dir.display()))?;
+        eprintln!(
+            "note: --bunker {} is a directory: whether its primary is still alive cannot be checked from here",
+            dir.display()
+        );
+        Ok(DirBunker { core })
+    }
+}
+
+impl BunkerSide for DirBunker {
+    fn set_id(&self) -> [u8; 16] {
+        self.core.set_id()
+    }
+    fn view(&mut self) -> LogView {
+        let l = self.core.log();
+        LogView {
+            epoch: l.epoch,
+            start_lsn: l.start_lsn.0,
+            next_lsn: l.next_lsn.0,
+            primary_connected: false,
+            promoted: false,
+        }
+    }
+    fn fence(&mut self, epoch: u64) -> Result<()> {
+        self.core.fence(epoch).map_err(|e| anyhow::anyhow!("fencing the bunker directory: {e}"))
+    }
+    fn read(&mut self, from: Lsn, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let mut at = from;
+        let mut block = Vec::with_capacity(BLOCK_BYTES + (64 << 10));
+        loop {
+            block.clear();
+            let next = self.core.read(at, BLOCK_BYTES, &mut block).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if next == at {
+                return Ok(());
+            }
+            sink(&block)?;
+            at = next;
+        }
+    }
+}
+
+// ----- the target's side --------------------------------------------------------------------
+
+struct TcpTarget {
+    reader: Reader,
+    writer: Writer,
+    set_id: [u8; 16],
+    view: LogView,
+    /// Blocks sent whose ack has not been read yet.
+    unacked: u64,
+    acked: Option<Lsn>,
+}
+
+impl TcpTarget {
+    fn connect(addr: SocketAddr, key: Option<Key>) -> Result<TcpTarget> {
+        let (mut reader, writer, est) = conn::connect(addr, handshake_cfg(key), Duration::from_secs(5))
+            .with_context(|| format!("connecting to the target at {addr}"))?;
+        if est.peer.role != Role::Target {
+            bail!("{addr} is a {}, not a mirror target", est.peer.role.name());
+        }
+        let view = log_view(control(&mut reader, "the target")?, "the target")?;
+        Ok(TcpTarget { reader, writer, set_id: est.peer.set_id, view, unacked: 0, acked: None })
+    }
+
+    fn fence(&mut self, epoch: u64) -> Result<()> {
+        self.writer.send(&Frame::Control(ControlMsg::Fence { epoch }))?;
+        self.view = log_view(control(&mut self.reader, "the target")?, "the target")?;
+        if self.view.epoch < epoch {
+            bail!("the target did not take the fence at epoch {epoch} (it says epoch {})", self.view.epoch);
+        }
+        Ok(())
+    }
+
+    /// Sends one block; keeps at most 8 blocks unacknowledged.
+    fn send_block(&mut self, block: &[u8]) -> Result<()> {
+        self.writer.send_records(block)?;
+        self.unacked += 1;
+        while self.unacked > 8 {
+            self.read_ack()?;
+        }
+        Ok(())
+    }
+
+    fn read_ack(&mut self) -> Result<()> {
+        match recv(&mut self.reader, "the target")? {
+            Frame::Ack(l) => {
+                self.acked = Some(l);
+                self.unacked = self.unacked.saturating_sub(1);
+                Ok(())
+            }
+            f => bail!("the target sent an unexpected {} frame instead of an ack", f.kind().name()),
+        }
+    }
+
+    fn wait_acked(&mut self, last: Lsn) -> Result<()> {
+        while self.acked.is_none_or(|a| a < last) {
+            if self.unacked == 0 {
+                bail!("the target acknowledged records only up to {:?}, {} was sent", self.acked.map(|l| l.0), last.0);
+            }
+            self.read_ack()?;
+        }
+        Ok(())
+    }
+
+    fn promote(&mut self, epoch: u64, end: u64) -> Result<LogView> {
+        self.writer.send(&Frame::Control(ControlMsg::Promote { epoch, end_lsn: end }))?;
+        let v = log_view(control(&mut self.reader, "the target")?, "the target")?;
+        if !v.promoted || v.epoch < epoch {
+            bail!("the target did not confirm its promotion (it says epoch {}, promoted {})", v.epoch, v.promoted);
+        }
+        Ok(v)
+    }
+}
