@@ -25,6 +25,7 @@ enum Command {
     Inspect(cmd::inspect::InspectArgs),
     Target(cmd::target::TargetArgs),
     Failover(cmd::failover::FailoverArgs),
+    Failback(cmd::failback::FailbackArgs),
     Demo(cmd::demo::DemoArgs),
     Status(cmd::status::StatusArgs),
 }
@@ -45,6 +46,7 @@ fn main() {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Target(a) => cmd::target::run(a),
         Command::Failover(a) => cmd::failover::run(a),
+        Command::Failback(a) => cmd::failback::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Status(a) => cmd::status::run(a),
     };

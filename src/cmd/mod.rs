@@ -7,5 +7,6 @@ pub mod mount;
 pub mod replay;
 pub mod replication;
 pub mod status;
+pub mod failback;
 pub mod failover;
 pub mod target;

@@ -48,6 +48,9 @@ pub const PROMOTION_FILE: &str = "promotion";
 const PROMOTION_MAGIC: [u8; 8] = *b"FRYPROM1";
 /// The failover's landing area for one block of records (claim 003:9).
 const FAILOVER_STAGING_FILE: &str = "failover-staging";
+/// In `--state` while this target is an old primary failing back (`ferryfs failback`): it
+/// holds the old journal's directory, where its changes past the fork are read from.
+pub const FAILBACK_FILE: &str = "failback";
 const STAGING_FILE: &str = "resync-staging";
 const PENDING_FILE: &str = "resync-pending";
 /// Records applied per step before the lock is let go.
@@ -129,7 +132,12 @@ pub struct TargetCore<S: Storage, T: Tree> {
     staging: Mutex<Option<Staging>>,
     state_dir: PathBuf,
     pub counters: TargetCounters,
+    /// An old primary failing back: the locations it changed from a fork LSN on.
+    failback_source: Mutex<Option<FailbackSource>>,
 }
+
+/// Computes an old primary's own changes from a fork LSN on (`ferryfs failback`).
+pub type FailbackSource = Box<dyn Fn(u64) -> Result<crate::syncmap::SyncMap, String> + Send>;
 
 /// The log may free only what is applied (and synced by the checkpoint hook).
 struct ApplyFloor(Arc<AtomicU64>);
@@ -207,6 +215,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             staging: Mutex::new(None),
             state_dir: state_dir.to_path_buf(),
             counters: TargetCounters::default(),
+            failback_source: Mutex::new(None),
         })
     }
 
@@ -234,7 +243,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             durable_next: self.journal.durable_lsn().0,
             applied_next: self.applied_next.load(Ordering::Acquire),
             epoch: self.journal.epoch(),
-            failback: false,
+            failback: self.failback_pending(),
         }
     }
 
@@ -249,6 +258,36 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         let next = self.journal.sync()?;
         self.counters.bytes_received.fetch_add(body.len() as u64, Ordering::Relaxed);
         Ok(Lsn(next.0 - 1))
+    }
+
+    /// Makes this target an old primary failing back: `source` gives its own changes past a
+    /// fork, asked for by the new primary's `ForkPoint`.
+    pub fn set_failback_source(&self, source: FailbackSource) {
+        *self.failback_source.lock().unwrap() = Some(source);
+    }
+
+    /// Whether this target still waits for its failback resync.
+    pub fn failback_pending(&self) -> bool {
+        self.state_dir.join(FAILBACK_FILE).exists()
+    }
+
+    /// The `DirtyMap` messages for a new primary's `ForkPoint`: the locations this old
+    /// primary changed from `fork_lsn` on, encoded, in pieces a control frame can carry.
+    pub fn dirty_since(&self, fork_lsn: u64) -> Result<Vec<ControlMsg>, TargetError> {
+        let g = self.failback_source.lock().unwrap();
+        let source = g
+            .as_ref()
+            .ok_or_else(|| TargetError::Protocol("a ForkPoint came, but this target is not failing back".into()))?;
+        let map = source(fork_lsn).map_err(TargetError::Protocol)?;
+        let bytes = map.encode();
+        const PIECE: usize = 128 << 10;
+        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(PIECE).collect() };
+        let n = pieces.len();
+        Ok(pieces
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| ControlMsg::DirtyMap { chunk: c.to_vec(), last: i + 1 == n })
+            .collect())
     }
 
     /// The replication epoch of this target's log (design §3).
@@ -276,7 +315,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             applied_next: p.applied_next,
             primary_connected,
             promoted: self.promotion().ok().flatten().is_some(),
-            failback: false,
+            failback: self.failback_pending(),
         }
     }
 
@@ -671,6 +710,12 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             self.applied_next.store(resume, Ordering::Release);
         }
         fs::remove_file(self.state_dir.join(PENDING_FILE)).map_err(io_err("removing resync-pending"))?;
+        // An old primary failing back is now a plain target of the new primary.
+        match fs::remove_file(self.state_dir.join(FAILBACK_FILE)) {
+            Ok(()) => tracing::info!("failback complete: this node now mirrors the new primary"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing the failback marker")(e)),
+        }
         let _ = fs::remove_file(&path);
         self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -770,6 +815,8 @@ pub fn read_promotion<S: Storage>(storage: &S) -> Result<Option<Promotion>, Targ
 pub struct FrameHandler {
     /// A directory's entries come in parts; no other directory's may begin meanwhile.
     entries_dir: Option<u64>,
+    /// Replies that go out before the one `control` returns (a long `DirtyMap`).
+    pending: Vec<ControlMsg>,
 }
 
 impl Default for FrameHandler {
@@ -780,7 +827,7 @@ impl Default for FrameHandler {
 
 impl FrameHandler {
     pub fn new() -> FrameHandler {
-        FrameHandler { entries_dir: None }
+        FrameHandler { entries_dir: None, pending: Vec::new() }
     }
 
     pub fn handle<S: Storage, T: Tree>(
@@ -798,7 +845,10 @@ impl FrameHandler {
                 core.resync_item(&StagedItem::Data { file, offset, data }).map_err(e)?;
                 Ok(Vec::new())
             }
-            Frame::Control(msg) => self.control(core, msg).map(|r| r.into_iter().map(Frame::Control).collect()),
+            Frame::Control(msg) => {
+                let last = self.control(core, msg)?;
+                Ok(self.pending.drain(..).chain(last).map(Frame::Control).collect())
+            }
         }
     }
 
@@ -835,6 +885,13 @@ impl FrameHandler {
                 Ok(Some(ControlMsg::ResyncDone { plan }))
             }
             ControlMsg::StatusRequest => Ok(Some(core.status_msg())),
+            ControlMsg::ForkPoint { fork_lsn } => {
+                let mut msgs = core.dirty_since(fork_lsn).map_err(e)?;
+                // All but the last go out now; the caller sends the returned one last.
+                let last = msgs.pop();
+                self.pending.extend(msgs);
+                Ok(last)
+            }
             ControlMsg::Bye { reason } => Err(format!("the primary said goodbye: {reason}")),
             other => Err(format!("unexpected control message from a primary: {other:?}")),
         }

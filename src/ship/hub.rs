@@ -119,6 +119,12 @@ pub struct Fence {
 }
 
 pub const FENCE_FILE: &str = "fenced";
+
+/// The pseudo-target of a primary made by a failover: never connected, never acked, it only
+/// collects the marks of every change since the promotion, so the old primary can later be
+/// failed back from the locations that differ (design §5, "Failback"). Its map is kept in
+/// `target-since-promotion.map` like a target's.
+pub const PROMOTION_LINK: &str = "since-promotion";
 const FENCE_MAGIC: [u8; 8] = *b"FRYFENC1";
 
 impl Fence {
@@ -313,6 +319,15 @@ impl<S: Storage> Hub<S> {
             link.wake.notify_all();
         }
         *self.fence.lock().unwrap() = Some(f);
+    }
+
+    /// On a primary made by a failover: the fork LSN and the map of every location changed
+    /// since the promotion (the `PROMOTION_LINK` pseudo-target), for a failback.
+    pub fn since_promotion(&self) -> Option<(u64, SyncMap)> {
+        let promotion = crate::replica::target::read_promotion(self.journal.storage()).ok().flatten()?;
+        let link = self.links.iter().find(|l| l.url == PROMOTION_LINK)?;
+        let map = link.lock().map.clone();
+        Some((promotion.fork_lsn, map))
     }
 
     /// Set once a failover fenced this primary: nothing is shipped.

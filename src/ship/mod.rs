@@ -35,7 +35,8 @@ impl<S: Storage> Replication<S> {
     pub fn start(hub: Arc<Hub<S>>, connectors: Vec<Box<dyn Connector>>, source: Arc<dyn Source>) -> Replication<S> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for (link, connector) in hub.links.iter().zip(connectors) {
+        let shipped = hub.links.iter().filter(|l| l.url != hub::PROMOTION_LINK);
+        for (link, connector) in shipped.zip(connectors) {
             let shipper = Shipper {
                 hub: hub.clone(),
                 link: link.clone(),

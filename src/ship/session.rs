@@ -22,6 +22,8 @@ pub enum Event {
     Ack(Lsn),
     ResyncDone(u64),
     Heartbeat,
+    /// A piece of a failing-back old primary's changes past the fork (`ControlMsg::DirtyMap`).
+    DirtyMap(Vec<u8>, bool),
     Closed(String),
 }
 
@@ -124,6 +126,7 @@ impl Connector for TcpConnector {
                             Event::Closed(format!("the target said: {reason}"))
                         }
                         Ok(Frame::Control(ControlMsg::Status { .. })) => continue,
+                        Ok(Frame::Control(ControlMsg::DirtyMap { chunk, last })) => Event::DirtyMap(chunk, last),
                         Ok(Frame::Control(ControlMsg::Fenced { epoch, fork_lsn })) => {
                             *fence.lock().unwrap() = Some((epoch, fork_lsn));
                             Event::Closed(fenced_text(addr, epoch, fork_lsn, ours))
@@ -193,6 +196,7 @@ pub fn event_of(f: Frame) -> Option<Event> {
         Frame::Ack(l) => Some(Event::Ack(l)),
         Frame::Heartbeat => Some(Event::Heartbeat),
         Frame::Control(ControlMsg::ResyncDone { plan }) => Some(Event::ResyncDone(plan)),
+        Frame::Control(ControlMsg::DirtyMap { chunk, last }) => Some(Event::DirtyMap(chunk, last)),
         Frame::Control(ControlMsg::Bye { reason }) => Some(Event::Closed(format!("the target said: {reason}"))),
         _ => None,
     }

@@ -136,6 +136,10 @@ impl<S: Storage> Shipper<S> {
     fn serve(&self, s: &mut dyn Session) -> Result<(), String> {
         let journal = self.hub.journal();
         let pos = s.position();
+        if pos.failback {
+            let cursor = self.failback(s)?;
+            return self.ship(s, cursor);
+        }
         let resume = {
             let mut st = self.link.lock();
             st.released = false;
@@ -204,6 +208,62 @@ impl<S: Storage> Shipper<S> {
             tracing::error!("{e}");
         }
         journal.cursor_at(plan.resume_from).map_err(|e| format!("after the resync: {e}"))
+    }
+
+    /// Failback (design §5): the target is this set's old primary, its history forked from
+    /// ours at the promotion that made us primary. It is resynchronized from the locations
+    /// either side changed since the fork — its own changes (it sends them as a `DirtyMap`
+    /// when told the fork) and ours (the since-promotion map the hub keeps) — never a full
+    /// copy, unless one side's changes cannot be known.
+    fn failback(&self, s: &mut dyn Session) -> Result<LogCursor, String> {
+        let ours = self.hub.since_promotion();
+        let Some((fork, since)) = ours else {
+            tracing::warn!(
+                "target {} is an old primary failing back, but this primary's journal holds no record of the                  promotion that made it (or its since-promotion map): a full resync follows",
+                self.link.url
+            );
+            let mut st = self.link.lock();
+            st.map.require_full_resync();
+            st.map.fall_back();
+            drop(st);
+            return self.resync(s);
+        };
+        s.send(&Frame::Control(ControlMsg::ForkPoint { fork_lsn: fork }))?;
+        let mut bytes = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if self.stop.load(Ordering::Acquire) || Instant::now() > deadline {
+                return Err("stopping, or no complete DirtyMap from the failing-back target".into());
+            }
+            match s.event(Duration::from_millis(200)) {
+                Some(Event::DirtyMap(chunk, last)) => {
+                    bytes.extend_from_slice(&chunk);
+                    if last {
+                        break;
+                    }
+                }
+                Some(Event::Closed(why)) => return Err(why),
+                _ => {}
+            }
+        }
+        let theirs = crate::syncmap::SyncMap::decode(&bytes)
+            .map_err(|e| format!("the failing-back target's map of its own changes does not decode: {e}"))?;
+        {
+            let mut st = self.link.lock();
+            let mut map = crate::syncmap::SyncMap::new_in_sync(Lsn(fork)).with_limits(st.map.limits());
+            map.fall_back();
+            map.mark_all_of(&since, Lsn(fork));
+            map.mark_all_of(&theirs, Lsn(fork));
+            tracing::info!(
+                "target {}: failback from fork LSN {fork}: {} blocks changed there, {} here, {} to send",
+                self.link.url,
+                theirs.dirty_blocks(),
+                since.dirty_blocks(),
+                map.dirty_blocks()
+            );
+            st.map = map;
+        }
+        self.resync(s)
     }
 
     fn await_resync_done(&self, s: &mut dyn Session, plan: u64) -> Result<(), String> {

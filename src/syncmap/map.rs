@@ -205,6 +205,25 @@ impl SyncMap {
         self.mark_flag(lsn, dir, Slot::Entries);
     }
 
+    /// Adds every mark of `other` (its blocks, attribute and entries flags, a full resync it
+    /// owes) as marks with update id `lsn`: a failback's union of both sides' changes.
+    pub fn mark_all_of(&mut self, other: &SyncMap, lsn: Lsn) {
+        if other.full_resync_owed() {
+            self.require_full_resync();
+        }
+        for file in other.dirty_files() {
+            for range in other.dirty_ranges(file) {
+                self.mark_blocks(lsn, file, range);
+            }
+            if other.is_attr_dirty(file) {
+                self.mark_attr(lsn, file);
+            }
+            if other.is_entries_dirty(file) {
+                self.mark_entries(lsn, file);
+            }
+        }
+    }
+
     /// 000:4, 7–11: the target has durably received every update ≤ `upto`. Each location
     /// whose pending updates are then all acked (its highest pending id ≤ `upto`) has its
     /// indicator reset. Ignored unless shipping is ordered. Cost: O(log n) per location
