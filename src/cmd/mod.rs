@@ -1,5 +1,6 @@
 //! One file per subcommand; `anyhow` lives here and in main.rs only.
 
+pub mod bunker;
 pub mod common;
 pub mod demo;
 pub mod inspect;

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use fuser::{Config, MountOption, SessionACL};
 
 use super::common::{self, parse_duration, parse_size};
-use super::replication;
+use super::replication::{self, BunkerModeArg, UnreachableArg};
 use crate::format::superblock::Superblock;
 use crate::fuse::{FerryFs, FuseOptions};
 use crate::journal::{JournalGeometry, recovery};
@@ -78,10 +78,40 @@ pub struct MountArgs {
     /// first time receives a full initial sync while writes go on.
     #[arg(long = "target", value_name = "URL")]
     pub targets: Vec<String>,
-    /// A shared secret for every tcp target: both sides prove they hold it (HMAC-SHA256)
-    /// before any record moves. Make one with `head -c 32 /dev/urandom | base64 > FILE`.
+    /// A shared secret for every tcp target and a tcp bunker: both sides prove they hold it
+    /// (HMAC-SHA256) before any record moves. Make one with
+    /// `head -c 32 /dev/urandom | base64 > FILE`.
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
+    /// The bunker: a copy of the journal kept in real time near this machine, from which
+    /// `ferryfs failover` brings a target up to the last acknowledged write if this machine is
+    /// lost. `tcp://HOST:PORT` is a `ferryfs bunker` process (with --key, as for targets);
+    /// a directory (an existing, empty one at first, on another disk or a mounted remote disk,
+    /// not inside the backing, journal or mount directories) holds the bunker's log itself,
+    /// created on first use with the journal's segment size and count. Every record goes to
+    /// the bunker as soon as it is journaled, while the local journal is flushed; the journal
+    /// keeps what the bunker has not acknowledged, so it catches up after an outage. If the
+    /// journal fills meanwhile, the bunker's copy restarts at a later record (`ferryfs status`
+    /// says from where). See also --bunker-mode, --bunker-timeout, --bunker-unreachable.
+    #[arg(long, value_name = "URL")]
+    pub bunker: Option<String>,
+    /// `sync`: fsync, fdatasync and O_SYNC/O_DSYNC writes return only once the journal *and*
+    /// the bunker hold the data (no acknowledged write is lost with this machine; each costs
+    /// a round trip to the bunker). `async`: they return once the journal holds the data; the
+    /// bunker follows within its lag (see `ferryfs status`).
+    #[arg(long, requires = "bunker", value_enum, default_value = "sync", value_name = "MODE")]
+    pub bunker_mode: BunkerModeArg,
+    /// In sync mode, a bunker that is unreachable or has not acknowledged for this long counts
+    /// as gone, and --bunker-unreachable decides what fsync does (e.g. 5s, 500ms).
+    #[arg(long, requires = "bunker", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub bunker_timeout: Duration,
+    /// What sync mode does when the bunker is gone for --bunker-timeout. `degrade`: switch to
+    /// async with a loud warning (fsync returns after at most the timeout; acknowledged writes
+    /// are then only in the local journal), and back to sync, logged, once the bunker has
+    /// caught up. `wait`: fsync keeps waiting until the bunker is back (writes without fsync go
+    /// on; `ferryfs status` shows the blocked fsyncs; an unmount gives up on them with EIO).
+    #[arg(long, requires = "bunker", value_enum, default_value = "degrade", value_name = "POLICY")]
+    pub bunker_unreachable: UnreachableArg,
 }
 
 pub fn run(a: MountArgs) -> Result<()> {
@@ -89,6 +119,14 @@ pub fn run(a: MountArgs) -> Result<()> {
     let backing = common::existing_dir("--backing", &a.backing)?;
     let journal = common::existing_dir("--journal", &a.journal)?;
     check_layout(&mountpoint, &backing, &journal)?;
+    let bunker_url = a.bunker.as_deref().map(replication::parse_bunker).transpose()?;
+    let bunker_config = match &bunker_url {
+        Some(b) => {
+            replication::check_bunker(b, &[], &backing, &journal, &mountpoint)?;
+            Some(replication::bunker_config(b, a.bunker_mode, a.bunker_unreachable, a.bunker_timeout)?)
+        }
+        None => None,
+    };
     let _lock = common::lock_journal(&journal)?;
     let fd_limit = crate::os::raise_fd_limit();
     if fd_limit < 65_536 {
@@ -101,10 +139,14 @@ pub fn run(a: MountArgs) -> Result<()> {
     let boot = common::boot_id();
     let targets = a.targets.iter().map(|t| replication::parse_target(t)).collect::<Result<Vec<_>>>()?;
     replication::check_targets(&targets, &backing, &journal, &mountpoint)?;
+    if let Some(b) = &bunker_url {
+        replication::check_bunker(b, &targets, &backing, &journal, &mountpoint)?;
+    }
     let key = a.key.as_deref().map(replication::read_key).transpose()?;
     let has_journal = storage.read_superblock_if_any()?.is_some();
     let maps = replication::load_maps(&storage, &targets, has_journal)?;
 
+    let mut recovered = false;
     let opened = match storage.read_superblock_if_any()? {
         None => {
             let geometry = geometry(a.journal_size, a.segment_size)?;
@@ -120,6 +162,7 @@ pub fn run(a: MountArgs) -> Result<()> {
             let sb = common::superblock(&storage)?;
             common::check_backing(&sb, &backing, &journal)?;
             let dirty = !sb.clean;
+            recovered = dirty;
             if dirty {
                 eprintln!("ferryfs: journal {} was not closed cleanly: replaying it", journal.display());
             }
@@ -139,11 +182,20 @@ pub fn run(a: MountArgs) -> Result<()> {
     opened.journal.mark_open(boot).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ids = IdTable::from_snapshot(opened.ids.snapshot());
     let core = Arc::new(Core::new(opened.journal, tree, ids, CoreConfig::default())?);
-    let repl = (!targets.is_empty()).then(|| {
+    let hub = (!targets.is_empty()).then(|| {
         let named = targets.iter().zip(maps).map(|(t, (upto, map))| (t.url().to_string(), upto, map)).collect();
         let hub = Hub::new(core.journal.clone(), named);
         core.set_marks(hub.clone());
-        core.journal.set_retention(hub.clone());
+        hub
+    });
+    let bunker = bunker_url.as_ref().zip(bunker_config).map(|(b, mut config)| {
+        // Records reach the bunker before the local flush: after a crash it may hold some the
+        // recovered journal lost, so its log restarts at the first contact.
+        config.restart_first = recovered;
+        replication::start_bunker(b, config, &core.journal, hub.clone(), key.as_ref())
+    });
+    replication::set_retention(&core.journal, hub.clone(), bunker.clone());
+    let repl = hub.map(|hub| {
         let sb = core.journal.superblock();
         let conns = replication::connectors(&targets, &journal, sb.set_id, sb.epoch, key.as_ref());
         Replication::start(hub, conns, core.clone())
@@ -152,8 +204,9 @@ pub fn run(a: MountArgs) -> Result<()> {
         r.hub.persist().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let status = {
-        let (j, h, dir) = (core.journal.clone(), repl.as_ref().map(|r| r.hub.clone()), journal.clone());
-        StatusServer::start(&journal, Arc::new(move || replication::report(&j, h.as_deref(), &dir)))
+        let (j, h, b, dir) =
+            (core.journal.clone(), repl.as_ref().map(|r| r.hub.clone()), bunker.clone(), journal.clone());
+        StatusServer::start(&journal, Arc::new(move || replication::report(&j, h.as_deref(), b.as_deref(), &dir)))
             .with_context(|| format!("starting the status socket in {}", journal.display()))?
     };
 
@@ -179,12 +232,19 @@ pub fn run(a: MountArgs) -> Result<()> {
     }
     // The timers stop first: the committer's syncfs of the mount must not race the unmount.
     background.stop();
+    if let Some(b) = &bunker {
+        // An fsync held by `--bunker-unreachable wait` must not hold the unmount for ever.
+        b.begin_stop();
+    }
     let ended = if bg.guard.is_finished() { bg.join() } else { bg.umount_and_join() };
     if let Err(e) = ended {
         eprintln!("ferryfs: the FUSE session ended with an error: {e}");
     }
     if let Some(r) = repl {
         r.stop();
+    }
+    if let Some(b) = &bunker {
+        b.stop(); // after a final sync: the bunker gets the journal's tail
     }
     drop(status);
     core.journal.close_clean().map_err(|e| anyhow::anyhow!("closing the journal: {e}"))?;

@@ -1,23 +1,26 @@
-//! The mount's replication options: `--target`, `--key`, and the status it serves.
+//! The mount's replication options: `--target`, `--bunker`, `--key`, and the status it serves.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 
 use crate::format::record;
-use crate::journal::{Journal, JournalGeometry};
+use crate::journal::{AllRetentions, Journal, JournalGeometry, Retention};
 use crate::os::storage::DirStorage;
 use crate::proto::wire::Key;
+use crate::ship::bunker::{
+    self as bunker_link, BunkerConfig, BunkerConnector, BunkerLink, Hooks, LocalBunkerConnector, TcpBunkerConnector,
+};
 use crate::ship::hub::{self, Hub};
 use crate::ship::session::{Connector, LocalConnector, TcpConnector};
-use crate::status::{JournalStatus, StatusReport, TargetStatus};
+use crate::status::{BunkerStatus, JournalStatus, StatusReport, TargetStatus};
 use crate::syncmap::SyncMap;
 use crate::types::Lsn;
 
-/// Where one `--target` points.
+/// Where one `--target` (or the `--bunker`) points.
 #[derive(Clone, Debug)]
 pub enum TargetUrl {
     Tcp { url: String, addr: SocketAddr },
@@ -34,19 +37,177 @@ impl TargetUrl {
 
 /// `tcp://HOST:PORT` or a directory.
 pub fn parse_target(s: &str) -> Result<TargetUrl> {
+    parse_url("--target", s)
+}
+
+/// `--bunker`: `tcp://HOST:PORT` or a directory.
+pub fn parse_bunker(s: &str) -> Result<TargetUrl> {
+    parse_url("--bunker", s)
+}
+
+/// `tcp://HOST:PORT` or an existing directory; errors name `flag`.
+fn parse_url(flag: &str, s: &str) -> Result<TargetUrl> {
     if let Some(rest) = s.strip_prefix("tcp://") {
         let addr = rest
             .to_socket_addrs()
-            .with_context(|| format!("--target {s}: not a HOST:PORT"))?
+            .with_context(|| format!("{flag} {s}: not a HOST:PORT"))?
             .next()
-            .with_context(|| format!("--target {s}: the host has no address"))?;
+            .with_context(|| format!("{flag} {s}: the host has no address"))?;
         return Ok(TargetUrl::Tcp { url: s.to_string(), addr });
     }
     if s.contains("://") {
-        bail!("--target {s}: unknown scheme; use tcp://HOST:PORT or a directory path");
+        bail!("{flag} {s}: unknown scheme; use tcp://HOST:PORT or a directory path");
     }
-    let dir = super::common::existing_dir("--target", Path::new(s))?;
+    if s.is_empty() {
+        bail!("{flag}: empty; use tcp://HOST:PORT or a directory path");
+    }
+    let dir = super::common::existing_dir(flag, Path::new(s))?;
     Ok(TargetUrl::Dir { url: dir.display().to_string(), dir })
+}
+
+/// `--bunker-mode`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BunkerModeArg {
+    Sync,
+    Async,
+}
+
+/// `--bunker-unreachable`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnreachableArg {
+    Degrade,
+    Wait,
+}
+
+/// The link's configuration from the mount's flags (checked before anything is created). Set
+/// `restart_first` when the journal was replayed after a crash.
+pub fn bunker_config(
+    url: &TargetUrl,
+    mode: BunkerModeArg,
+    unreachable: UnreachableArg,
+    timeout: Duration,
+) -> Result<BunkerConfig> {
+    if timeout.is_zero() {
+        bail!("--bunker-timeout 0: must be longer than nothing (e.g. 5s, 500ms)");
+    }
+    let mode = match mode {
+        BunkerModeArg::Sync => bunker_link::Mode::Sync,
+        BunkerModeArg::Async => bunker_link::Mode::Async,
+    };
+    let unreachable = match unreachable {
+        UnreachableArg::Degrade => bunker_link::Unreachable::Degrade,
+        UnreachableArg::Wait => bunker_link::Unreachable::Wait,
+    };
+    Ok(BunkerConfig::new(url.url(), mode, unreachable, timeout))
+}
+
+/// Checks a `--bunker DIR` against the mount's own directories and the targets: the bunker's
+/// log needs a directory of its own (ideally on another disk).
+pub fn check_bunker(
+    bunker: &TargetUrl,
+    targets: &[TargetUrl],
+    backing: &Path,
+    journal: &Path,
+    mountpoint: &Path,
+) -> Result<()> {
+    if let TargetUrl::Dir { dir, url } = bunker {
+        for (what, p) in [("the backing directory", backing), ("the journal", journal), ("the mountpoint", mountpoint)]
+        {
+            if dir.starts_with(p) || p.starts_with(dir) {
+                bail!(
+                    "--bunker {url} overlaps {what} ({}); the bunker needs a directory of its own, ideally on another \
+                     disk",
+                    p.display()
+                );
+            }
+        }
+    }
+    for t in targets {
+        let overlaps = match (bunker, t) {
+            (TargetUrl::Dir { dir: b, .. }, TargetUrl::Dir { dir: t, .. }) => b.starts_with(t) || t.starts_with(b),
+            (TargetUrl::Tcp { addr: b, .. }, TargetUrl::Tcp { addr: t, .. }) => b == t,
+            _ => false,
+        };
+        if overlaps {
+            bail!("--bunker {} is also a --target ({}); give the bunker a place of its own", bunker.url(), t.url());
+        }
+    }
+    Ok(())
+}
+
+/// Starts the bunker link (before the FUSE session): the journal's mirror, whose fsyncs wait
+/// for it in sync mode. Its retention is combined with the hub's by [`set_retention`].
+pub fn start_bunker(
+    url: &TargetUrl,
+    config: BunkerConfig,
+    journal: &Arc<Journal<DirStorage>>,
+    hub: Option<Arc<Hub<DirStorage>>>,
+    key: Option<&Key>,
+) -> Arc<BunkerLink<DirStorage>> {
+    let (set_id, epoch) = (journal.superblock().set_id, journal.epoch());
+    let connector: Box<dyn BunkerConnector> = match url {
+        TargetUrl::Tcp { addr, .. } => {
+            Box::new(TcpBunkerConnector { addr: *addr, set_id, epoch, key: key.cloned(), timeout: config.timeout })
+        }
+        TargetUrl::Dir { dir, .. } => Box::new(LocalBunkerConnector::new(dir, set_id, epoch, journal.geometry())),
+    };
+    let link = BunkerLink::new(journal.clone(), config, bunker_hooks(journal, hub));
+    journal.set_mirror(link.clone());
+    link.start(connector);
+    link
+}
+
+/// The watermark from the targets' acks, and a fence shared with the targets' hub (recorded in
+/// the journal directory either way, so the next mount knows it).
+fn bunker_hooks(journal: &Arc<Journal<DirStorage>>, hub: Option<Arc<Hub<DirStorage>>>) -> Hooks {
+    let Some(hub) = hub else {
+        let recorded = hub::read_fence(journal.storage()).unwrap_or_else(|e| {
+            Some(hub::Fence { epoch: u64::MAX, fork_lsn: 0, text: format!("{e}; taking this primary for fenced") })
+        });
+        let j = journal.clone();
+        return Hooks {
+            targets_acked_below: Box::new(|| None),
+            fenced: Box::new(move || recorded.clone().map(|f| (f.epoch, f.fork_lsn, f.text))),
+            on_fenced: Box::new(move |epoch, fork_lsn, text| {
+                eprintln!("ferryfs: ERROR: {text}");
+                let f = hub::Fence { epoch, fork_lsn, text: text.to_string() };
+                if let Err(e) = crate::io::Storage::write_file_atomic(j.storage(), hub::FENCE_FILE, &f.encode()) {
+                    tracing::error!("writing `{}`: {e}", hub::FENCE_FILE);
+                }
+            }),
+        };
+    };
+    let (h1, h2, h3) = (hub.clone(), hub.clone(), hub);
+    Hooks {
+        targets_acked_below: Box::new(move || {
+            h1.links.iter().filter(|l| l.url != hub::PROMOTION_LINK).filter_map(|l| l.acked_below()).min()
+        }),
+        fenced: Box::new(move || h2.fenced().map(|f| (f.epoch, f.fork_lsn, f.text))),
+        on_fenced: Box::new(move |epoch, fork_lsn, text| {
+            h3.fence(hub::Fence { epoch, fork_lsn, text: text.to_string() })
+        }),
+    }
+}
+
+/// The journal's retention: the targets' hub and the bunker link, whichever there are (the
+/// journal takes one, once).
+pub fn set_retention(
+    journal: &Journal<DirStorage>,
+    hub: Option<Arc<Hub<DirStorage>>>,
+    bunker: Option<Arc<BunkerLink<DirStorage>>>,
+) {
+    let mut all: Vec<Arc<dyn Retention>> = Vec::new();
+    if let Some(h) = hub {
+        all.push(h);
+    }
+    if let Some(b) = bunker {
+        all.push(b);
+    }
+    match all.len() {
+        0 => {}
+        1 => journal.set_retention(all.pop().expect("one")),
+        _ => journal.set_retention(Arc::new(AllRetentions(all))),
+    }
 }
 
 /// Reads `--key FILE` (docs/PROTOCOL.md, "Key file").
@@ -141,7 +302,8 @@ pub fn map_files(storage: &DirStorage) -> Result<Vec<(String, Lsn, SyncMap)>> {
 fn retire_absent(storage: &DirStorage, urls: &[String]) -> Result<()> {
     let given: Vec<String> = urls.iter().map(|u| hub::map_file_name(u)).collect();
     for (name, upto, mut map) in map_files(storage)? {
-        if given.contains(&name) || map.full_resync_owed() {
+        // The since-promotion map is no target's: kept for a failback (`hub::PROMOTION_LINK`).
+        if given.contains(&name) || map.full_resync_owed() || name == hub::map_file_name(hub::PROMOTION_LINK) {
             continue;
         }
         eprintln!("ferryfs: {name}: that target is not given this time; it will get a full resync when it is");
@@ -177,7 +339,12 @@ pub fn connectors(
 }
 
 /// The status report of a running mount.
-pub fn report(journal: &Journal<DirStorage>, hub: Option<&Hub<DirStorage>>, dir: &Path) -> StatusReport {
+pub fn report(
+    journal: &Journal<DirStorage>,
+    hub: Option<&Hub<DirStorage>>,
+    bunker: Option<&BunkerLink<DirStorage>>,
+    dir: &Path,
+) -> StatusReport {
     let sb = journal.superblock();
     let g = journal.geometry();
     let next = journal.next_lsn();
@@ -193,7 +360,44 @@ pub fn report(journal: &Journal<DirStorage>, hub: Option<&Hub<DirStorage>>, dir:
         checkpoint_lsn: sb.start_lsn.0,
     };
     let targets = hub.map(|h| h.links.iter().map(|l| target_status(journal, l, next)).collect()).unwrap_or_default();
-    StatusReport::new(js, targets)
+    let mut report = StatusReport::new(js, targets);
+    report.bunker = bunker.map(|b| bunker_status(journal, b, next));
+    report
+}
+
+fn bunker_status(journal: &Journal<DirStorage>, link: &BunkerLink<DirStorage>, next: Lsn) -> BunkerStatus {
+    let s = link.snapshot();
+    let acked = s.acked_below;
+    let (lag_records, lag_bytes, lag_seconds) = if acked < next {
+        (next.0 - acked.0, journal.bytes_from(acked), record_age(journal, acked))
+    } else {
+        (0, 0, 0.0)
+    };
+    let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    BunkerStatus {
+        url: s.url.clone(),
+        mode: s.mode().name().to_string(),
+        configured_mode: s.configured_mode.name().to_string(),
+        state: s.state_name().to_string(),
+        degraded: s.degraded.is_some(),
+        degraded_since: s.degraded.as_ref().map(|d| unix(d.0)),
+        degraded_reason: s.degraded.as_ref().map(|d| d.1.clone()),
+        acked_lsn: acked.0.saturating_sub(1),
+        lag_records,
+        lag_bytes,
+        lag_seconds,
+        bytes_sent: s.bytes_sent,
+        reconnects: s.reconnects,
+        last_error: s.last_error.clone(),
+        fenced_epoch: s.fenced_epoch,
+        fsyncs_waiting: s.fsyncs_waiting,
+        fsyncs_waiting_seconds: s.waiting_for.as_secs_f64(),
+        unreachable_policy: match s.unreachable {
+            bunker_link::Unreachable::Degrade => "degrade".into(),
+            bunker_link::Unreachable::Wait => "wait".into(),
+        },
+        timeout_seconds: link.config().timeout.as_secs_f64(),
+    }
 }
 
 fn target_status(journal: &Journal<DirStorage>, link: &hub::Link, next: Lsn) -> TargetStatus {

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 
-use crate::status::{self, StatusReport};
+use crate::status;
+use crate::status::bunker_node::{self, AnyReport};
 
 /// Longer than the mount gives any one client, so a status request queued behind a stuck client
 /// still gets its answer.
@@ -22,14 +23,19 @@ const WATCH_POLL: Duration = Duration::from_millis(100);
 
 #[derive(clap::Args, Debug)]
 #[command(
-    about = "Show the running mount's journal usage and the replication state of each target",
+    about = "Show the running mount's journal usage and the replication state of each target (or a bunker's state)",
     long_about = "Asks the ferryfs mount running on a journal directory how it is doing, through the Unix \
 socket ferryfs.sock that the mount keeps in that directory (mode 0600: run as the mount's user). Prints a \
 line about the journal, then one row per replication target. Read-only, and cheap enough to run every \
 second.\n\n\
 The journal line: the journal directory; bytes used (from the last checkpoint to the end of the log, space \
 not yet reusable) of its size; the LSNs it holds; the highest LSN on stable storage (durable); and the LSN \
-of the last checkpoint.",
+of the last checkpoint.\n\n\
+A bunker (`ferryfs bunker`) answers on its --dir the same way: pass that as --journal. Its report has \
+\"role\": \"bunker\" and shows, line by line: mode (replication set, epoch, whether a failover fenced it), \
+log (usage and the LSNs it holds, durable), primary (connected, with when it was last heard; lost, with \
+since when, the last record it sent and why; or none yet), lag (records kept past the primary's watermark \
+for targets that may lack them) and what it received since it started. --json prints it whole.",
     after_help = "COLUMNS:\n  \
 URL         the target's address, as given to the mount\n  \
 STATE       connected     link up, live records shipped, some not acked yet\n              \
@@ -54,10 +60,11 @@ ferryfs cannot read\n  \
 EXAMPLES:\n  \
 ferryfs status --journal /var/lib/ferryfs/journal\n  \
 ferryfs status --journal /var/lib/ferryfs/journal --json | jq '.targets[].lag_seconds'\n  \
-ferryfs status --journal /var/lib/ferryfs/journal --watch 2"
+ferryfs status --journal /var/lib/ferryfs/journal --watch 2\n  \
+ferryfs status --journal /var/lib/ferryfs/bunker        (a bunker's --dir)"
 )]
 pub struct StatusArgs {
-    /// The journal directory of the running mount (the mount's --journal).
+    /// The journal directory of the running mount (the mount's --journal), or a bunker's --dir.
     #[arg(long, value_name = "DIR")]
     pub journal: PathBuf,
     /// Print the full report as JSON instead of the table.
@@ -102,14 +109,20 @@ pub fn run(a: StatusArgs) -> Result<()> {
 }
 
 fn show(a: &StatusArgs, redraw: bool) -> Result<()> {
-    let report: StatusReport = status::query(&a.journal, QUERY_TIMEOUT)?;
+    let (json, table) = match bunker_node::query_any(&a.journal, QUERY_TIMEOUT)? {
+        AnyReport::Mount(report) => (serde_json::to_string_pretty(&report)?, status::render_table(&report)),
+        AnyReport::Bunker(report) => {
+            let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            (serde_json::to_string_pretty(&report)?, bunker_node::render_bunker(&report, now_unix))
+        }
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{json}");
     } else if redraw {
         // Home and clear, as watch(1) does, so the table stays in place.
-        print!("\x1b[H\x1b[2J{}", status::render_table(&report));
+        print!("\x1b[H\x1b[2J{table}");
     } else {
-        print!("{}", status::render_table(&report));
+        print!("{table}");
     }
     Ok(())
 }

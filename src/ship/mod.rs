@@ -1,6 +1,7 @@
 //! The primary's side of replication (design §5): the hub of sync maps, a shipper thread per
 //! target, and what a resync reads. `net/` carries the bytes; `replica/` is the target's side.
 
+pub mod bunker;
 pub mod hub;
 pub mod session;
 pub mod shipper;

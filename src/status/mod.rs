@@ -19,6 +19,7 @@
 //! up cannot raise SIGPIPE in the mount, although `main` restores its default action: std's
 //! `UnixStream` writes with `MSG_NOSIGNAL`, so the write fails with `EPIPE` instead.)
 
+pub mod bunker_node;
 #[cfg(test)]
 mod tests;
 
@@ -69,6 +70,9 @@ pub struct StatusReport {
     pub version: u32,
     pub journal: JournalStatus,
     pub targets: Vec<TargetStatus>,
+    /// The bunker link (`--bunker`), if the mount has one. Absent in reports of older mounts.
+    #[serde(default)]
+    pub bunker: Option<BunkerStatus>,
 }
 
 /// The journal's size, usage and LSN positions.
@@ -116,10 +120,64 @@ pub struct TargetStatus {
     pub last_error: Option<String>,
 }
 
+/// The words [`BunkerStatus::state`] may hold:
+/// - `connecting`: the first connection of this run is being made;
+/// - `catching-up`: connected; the bunker lacks records written here;
+/// - `in-sync`: connected; the bunker acknowledged every record;
+/// - `disconnected`: no link (see `last_error`); the journal keeps what the bunker lacks;
+/// - `degraded`: sync mode fell back to async (see `degraded_reason`) until the bunker catches up;
+/// - `fenced`: a failover promoted another node; this mount is no longer the primary.
+pub const BUNKER_STATES: [&str; 6] = ["connecting", "catching-up", "in-sync", "disconnected", "degraded", "fenced"];
+
+/// The primary's link to its bunker (`--bunker`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BunkerStatus {
+    pub url: String,
+    /// What fsync follows now: `sync` (waits for the bunker) or `async`.
+    pub mode: String,
+    /// `--bunker-mode` as given; differs from `mode` while degraded or fenced.
+    pub configured_mode: String,
+    /// One of [`BUNKER_STATES`].
+    pub state: String,
+    /// Sync mode fell back to async: fsync'd writes since are only in the local journal.
+    pub degraded: bool,
+    /// Since when (seconds since the Unix epoch), while degraded.
+    pub degraded_since: Option<u64>,
+    pub degraded_reason: Option<String>,
+    /// Highest LSN the bunker acknowledged as durable.
+    pub acked_lsn: u64,
+    /// Records written here and not acked by the bunker.
+    pub lag_records: u64,
+    /// Bytes of those records.
+    pub lag_bytes: u64,
+    /// Age of the oldest record the bunker has not acked; 0 when there is none.
+    pub lag_seconds: f64,
+    /// Bytes sent to the bunker since the mount started.
+    pub bytes_sent: u64,
+    /// Connections re-established since the mount started.
+    pub reconnects: u64,
+    /// The last failure, or the note that an overflow cut the bunker's copy short.
+    pub last_error: Option<String>,
+    /// The epoch of the failover that fenced this primary.
+    pub fenced_epoch: Option<u64>,
+    /// fsyncs waiting for the bunker now (`--bunker-unreachable wait` keeps them waiting).
+    #[serde(default)]
+    pub fsyncs_waiting: u64,
+    /// How long the oldest of them has waited.
+    #[serde(default)]
+    pub fsyncs_waiting_seconds: f64,
+    /// `--bunker-unreachable`: `degrade` or `wait`.
+    #[serde(default)]
+    pub unreachable_policy: String,
+    /// `--bunker-timeout`, in seconds.
+    #[serde(default)]
+    pub timeout_seconds: f64,
+}
+
 impl StatusReport {
-    /// A report of the current [`REPORT_VERSION`].
+    /// A report of the current [`REPORT_VERSION`], without a bunker.
     pub fn new(journal: JournalStatus, targets: Vec<TargetStatus>) -> StatusReport {
-        StatusReport { version: REPORT_VERSION, journal, targets }
+        StatusReport { version: REPORT_VERSION, journal, targets, bunker: None }
     }
 }
 
@@ -445,9 +503,13 @@ const HEADERS: [&str; 8] = ["URL", "STATE", "LAG(REC)", "LAG(BYTES)", "LAG(S)", 
 /// Numbers right-aligned so their magnitudes line up; text left-aligned.
 const RIGHT_ALIGNED: [bool; 8] = [false, false, true, true, true, true, true, false];
 
-/// The journal on one line, then one row per target under a header, columns aligned.
+/// The journal on one line, the bunker on one (and a loud line when it is degraded, fenced or
+/// holds fsyncs up), then one row per target under a header, columns aligned.
 pub fn render_table(r: &StatusReport) -> String {
     let mut out = journal_line(&r.journal) + "\n";
+    if let Some(b) = &r.bunker {
+        out.push_str(&bunker_lines(b, unix_now()));
+    }
     if r.targets.is_empty() {
         out.push_str("no targets\n");
         return out;
@@ -474,6 +536,61 @@ fn journal_line(j: &JournalStatus) -> String {
         j.durable_lsn,
         j.checkpoint_lsn
     )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `bunker URL: MODE, STATE, acked lsn N, lag …, sent …`, then the warnings; `now` in Unix seconds.
+fn bunker_lines(b: &BunkerStatus, now: u64) -> String {
+    let lag_seconds = if b.lag_seconds.is_finite() { format!("{:.1}", b.lag_seconds) } else { "-".into() };
+    let mode = if b.mode == b.configured_mode {
+        b.mode.clone()
+    } else {
+        format!("{} (configured {})", b.mode, b.configured_mode)
+    };
+    let mut out = format!(
+        "bunker {}: {mode}, {}, acked lsn {}, lag {} records ({}, {lag_seconds} s), sent {}, reconnects {}",
+        b.url,
+        b.state,
+        b.acked_lsn,
+        b.lag_records,
+        human_bytes(b.lag_bytes),
+        human_bytes(b.bytes_sent),
+        b.reconnects
+    );
+    if let Some(e) = &b.last_error
+        && b.fenced_epoch.is_none()
+    {
+        out.push_str(&format!(", error: {}", error_cell(Some(e))));
+    }
+    out.push('\n');
+    if let Some(epoch) = b.fenced_epoch {
+        let why = b.last_error.as_deref().map(|e| format!(": {}", one_line(e))).unwrap_or_default();
+        out.push_str(&format!(
+            "WARNING: FENCED at epoch {epoch}: a failover promoted another node; this mount is no longer the primary \
+             and its bunker takes nothing{why}\n"
+        ));
+    } else if b.degraded {
+        let since = b.degraded_since.map(|s| format!(" for {}s", now.saturating_sub(s))).unwrap_or_default();
+        let why = b.degraded_reason.as_deref().map(|r| format!(" ({})", one_line(r))).unwrap_or_default();
+        out.push_str(&format!(
+            "WARNING: bunker DEGRADED to async{since}{why}: fsync'd writes are only in the local journal until it \
+             catches up\n"
+        ));
+    }
+    if b.fsyncs_waiting > 0 && b.fsyncs_waiting_seconds >= b.timeout_seconds {
+        out.push_str(&format!(
+            "WARNING: {} fsync(s) BLOCKED for {:.1}s waiting for the bunker (--bunker-unreachable {})\n",
+            b.fsyncs_waiting, b.fsyncs_waiting_seconds, b.unreachable_policy
+        ));
+    }
+    out
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn target_row(t: &TargetStatus) -> [String; 8] {

@@ -325,3 +325,100 @@ fn long_errors_are_cut_in_the_table() {
     assert!(row.ends_with('…'), "{row}");
     assert!(row.chars().count() < 200, "{row}");
 }
+
+fn bunker_sample() -> BunkerStatus {
+    BunkerStatus {
+        url: "tcp://bunker:7080".into(),
+        mode: "sync".into(),
+        configured_mode: "sync".into(),
+        state: "in-sync".into(),
+        acked_lsn: 52311,
+        bytes_sent: 3 << 30,
+        unreachable_policy: "degrade".into(),
+        timeout_seconds: 5.0,
+        ..BunkerStatus::default()
+    }
+}
+
+#[test]
+fn table_shows_the_bunker_under_the_journal_line() {
+    let mut r = sample();
+    r.bunker = Some(bunker_sample());
+    let table = render_table(&r);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[1],
+        "bunker tcp://bunker:7080: sync, in-sync, acked lsn 52311, lag 0 records (0 B, 0.0 s), sent 3.0 GiB, \
+         reconnects 0"
+    );
+    assert!(lines[2].starts_with("URL"), "the targets follow: {table}");
+    assert!(!table.contains("WARNING"), "{table}");
+}
+
+#[test]
+fn a_degraded_bunker_gets_a_loud_line_with_since_and_why() {
+    let b = BunkerStatus {
+        mode: "async".into(),
+        state: "degraded".into(),
+        degraded: true,
+        degraded_since: Some(1_000),
+        degraded_reason: Some("unreachable for 5s (last error: connection\nrefused)".into()),
+        lag_records: 12,
+        last_error: Some("connecting to 10.0.0.9:7080: connection refused".into()),
+        ..bunker_sample()
+    };
+    let text = bunker_lines(&b, 1_042);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("bunker tcp://bunker:7080: async (configured sync), degraded, "), "{text}");
+    assert!(lines[0].ends_with("error: connecting to 10.0.0.9:7080: connection refused"), "{text}");
+    assert_eq!(
+        lines[1],
+        "WARNING: bunker DEGRADED to async for 42s (unreachable for 5s (last error: connection refused)): fsync'd \
+         writes are only in the local journal until it catches up"
+    );
+}
+
+#[test]
+fn a_fenced_bunker_and_blocked_fsyncs_get_loud_lines() {
+    let b = BunkerStatus {
+        mode: "async".into(),
+        state: "fenced".into(),
+        fenced_epoch: Some(4),
+        last_error: Some("FENCED: bunker tcp://bunker:7080 was fenced by a failover at epoch 4".into()),
+        ..bunker_sample()
+    };
+    let text = bunker_lines(&b, 0);
+    assert!(text.lines().nth(1).unwrap().starts_with("WARNING: FENCED at epoch 4: a failover promoted"), "{text}");
+    assert!(!text.lines().next().unwrap().contains("error:"), "the error is on the loud line: {text}");
+    let b = BunkerStatus {
+        unreachable_policy: "wait".into(),
+        state: "disconnected".into(),
+        fsyncs_waiting: 3,
+        fsyncs_waiting_seconds: 12.5,
+        ..bunker_sample()
+    };
+    let text = bunker_lines(&b, 0);
+    assert_eq!(
+        text.lines().nth(1),
+        Some("WARNING: 3 fsync(s) BLOCKED for 12.5s waiting for the bunker (--bunker-unreachable wait)")
+    );
+    let short = BunkerStatus { fsyncs_waiting_seconds: 0.01, ..b };
+    assert_eq!(bunker_lines(&short, 0).lines().count(), 1, "an fsync waiting a moment is normal in sync mode");
+}
+
+#[test]
+fn the_bunker_is_in_the_json_and_reports_without_it_still_parse() {
+    let mut r = sample();
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(json.contains("\"bunker\":null"), "{json}");
+    r.bunker = Some(BunkerStatus { degraded: true, degraded_since: Some(7), ..bunker_sample() });
+    let json = serde_json::to_string(&r).unwrap();
+    for field in ["\"degraded\":true", "\"degraded_since\":7", "\"configured_mode\":\"sync\"", "\"fenced_epoch\":null"]
+    {
+        assert!(json.contains(field), "{field} in {json}");
+    }
+    assert_eq!(serde_json::from_str::<StatusReport>(&json).unwrap(), r);
+    let older = serde_json::to_string(&sample()).unwrap().replace(",\"bunker\":null", "");
+    assert!(!older.contains("bunker"));
+    assert_eq!(serde_json::from_str::<StatusReport>(&older).unwrap(), sample());
+}

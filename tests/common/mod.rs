@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod node;
 pub mod proxy;
 pub mod target;
 
@@ -130,6 +131,29 @@ impl Mount {
             journal,
             child: None,
             args: all,
+            log: base.join("mount.log"),
+            starts: 0,
+            fuse_dev: 0,
+            _tmp: tmp,
+        };
+        m.spawn_and_wait();
+        m
+    }
+
+    /// Mounts existing `backing` and `journal` directories (a promoted target's, say) on a
+    /// fresh temp mount point, with `args`.
+    pub fn start_on(backing: &Path, journal: &Path, args: &[&str]) -> Mount {
+        let tmp = tempfile::Builder::new().prefix("ferryfs-test-").tempdir().expect("create temp dir");
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        let mnt = base.join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let mut m = Mount {
+            mnt,
+            backing: backing.to_path_buf(),
+            journal: journal.to_path_buf(),
+            child: None,
+            args: args.iter().map(|s| s.to_string()).collect(),
             log: base.join("mount.log"),
             starts: 0,
             fuse_dev: 0,

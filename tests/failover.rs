@@ -1,0 +1,372 @@
+//! The bunker, failover and failback end to end, with real processes on loopback (issue 4,
+//! "Tests"): a primary mount, a `ferryfs bunker`, a `ferryfs target` behind the fault-injecting
+//! proxy adding delay so it lags, a workload that logs every write whose fsync returned, kill -9
+//! of the primary, `ferryfs failover`, and `ferryfs failback` of the revived old primary.
+
+mod common;
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{self, sleep};
+use std::time::{Duration, Instant};
+
+use common::node::NodeProc;
+use common::proxy::FaultProxy;
+use common::target::{TargetProc, status, tree_diff};
+use common::{Mount, ferryfs, pattern};
+
+/// Size of one logged record; files are written in whole records.
+const REC: usize = 700;
+/// Files the records go round-robin to: record i goes to f{i % FILES}.
+const FILES: u64 = 4;
+
+fn record(i: u64) -> Vec<u8> {
+    let mut r = format!("record {i:010} ").into_bytes();
+    r.extend_from_slice(&pattern(i, REC - r.len() - 1));
+    r.push(b'\n');
+    r
+}
+
+/// Appends record i to f{i % FILES} and fdatasyncs it, for i = 0, 1, …; after each fsync
+/// that returned, `acked` is i + 1. Every 50 records a small file m{i} is created and fsynced
+/// too (namespace operations in the stream). Stops at the first error (the mount died).
+struct Workload {
+    acked: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Workload {
+    fn start(mnt: &Path) -> Workload {
+        let (acked, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (a, s, mnt) = (acked.clone(), stop.clone(), mnt.to_path_buf());
+        let thread = thread::spawn(move || {
+            let files: Vec<File> = (0..FILES)
+                .map(|k| OpenOptions::new().create(true).append(true).open(mnt.join(format!("f{k}"))).unwrap())
+                .collect();
+            let mut i = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let f = &files[(i % FILES) as usize];
+                let ok = (&*f).write_all(&record(i)).is_ok() && f.sync_data().is_ok();
+                if !ok {
+                    return;
+                }
+                if i % 50 == 49 {
+                    let p = mnt.join(format!("m{i}"));
+                    let ok = fs::write(&p, record(i)).is_ok() && File::open(&p).and_then(|f| f.sync_all()).is_ok();
+                    if !ok {
+                        return;
+                    }
+                }
+                i += 1;
+                a.store(i, Ordering::Release);
+            }
+        });
+        Workload { acked, stop, thread: Some(thread) }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    fn join(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.take().unwrap().join();
+        self.acked()
+    }
+}
+
+/// Checks a directory holds the workload's stream applied up to some point: every file f{k}
+/// is a byte prefix of its records, with no hole across files (record j present whenever a
+/// later record is), and every acked record present (with its m-file). Returns how many
+/// records are present.
+fn check_prefix(dir: &Path, acked: u64) -> u64 {
+    let mut complete = Vec::new();
+    for k in 0..FILES {
+        let data = fs::read(dir.join(format!("f{k}"))).unwrap_or_default();
+        let n = (data.len() / REC) as u64;
+        for (j, chunk) in data.chunks(REC).enumerate() {
+            let i = k + FILES * j as u64;
+            let want = record(i);
+            assert_eq!(chunk, &want[..chunk.len()], "f{k}: record {i} differs (reordered or damaged)");
+        }
+        complete.push(n);
+    }
+    // Record i is in f{i%FILES} at index i/FILES: present iff i/FILES < complete[i%FILES].
+    let present = |i: u64| i / FILES < complete[(i % FILES) as usize];
+    let top = (0..FILES).filter(|k| complete[*k as usize] > 0).map(|k| k + FILES * (complete[k as usize] - 1)).max();
+    let count = top.map_or(0, |t| t + 1);
+    for i in 0..count {
+        assert!(present(i), "record {i} is missing but record {} is present: a hole", count - 1);
+    }
+    assert!(count >= acked, "only {count} records present, {acked} were acknowledged by fsync");
+    for i in (49..acked).step_by(50) {
+        assert_eq!(fs::read(dir.join(format!("m{i}"))).ok(), Some(record(i)), "m{i} (acknowledged) missing or wrong");
+    }
+    count
+}
+
+fn bunker(base: &Path, extra: &[&str]) -> NodeProc {
+    let dir = base.join("bunker");
+    fs::create_dir_all(&dir).unwrap();
+    let mut args: Vec<OsString> = vec!["bunker".into(), "--dir".into(), dir.into()];
+    args.extend(extra.iter().map(OsString::from));
+    NodeProc::start(base.join("bunker.log"), args)
+}
+
+fn failover(bunker: &str, target: &str, extra: &[&str]) -> (bool, String) {
+    let out = ferryfs().args(["failover", "--bunker", bunker, "--target", target]).args(extra).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// "holds every record below LSN N" from failover's output.
+fn end_lsn(text: &str) -> u64 {
+    let at = text.find("every record below LSN ").unwrap_or_else(|| panic!("no end LSN in:\n{text}"));
+    text[at + 23..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
+struct Setup {
+    base: tempfile::TempDir,
+    target: TargetProc,
+    proxy: FaultProxy,
+    bunker: NodeProc,
+    primary: Mount,
+}
+
+fn setup(mode: &str) -> Setup {
+    let base = tempfile::Builder::new().prefix("ferryfs-failover-").tempdir().unwrap();
+    let target = TargetProc::start(&[]);
+    let proxy = FaultProxy::start(target.addr);
+    proxy.set_delay(Duration::from_millis(150));
+    let bunker = bunker(base.path(), &[]);
+    let primary = Mount::start_with(&[
+        "--target",
+        &proxy.url(),
+        "--bunker",
+        &bunker.url(),
+        "--bunker-mode",
+        mode,
+        "--commit-interval",
+        "1s",
+    ]);
+    Setup { base, target, proxy, bunker, primary }
+}
+
+/// Waits until the primary's bunker link is up (state in-sync).
+fn wait_bunker_in_sync(journal: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(journal);
+        if st["bunker"]["state"] == "in-sync" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the bunker link did not come up: {st:#}");
+        sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sync_bunker_failover_keeps_every_acknowledged_write_in_order() {
+    let mut s = setup("sync");
+    wait_bunker_in_sync(&s.primary.journal);
+    let w = Workload::start(&s.primary.mnt);
+    sleep(Duration::from_secs(4));
+    let lag = status(&s.primary.journal)["targets"][0]["lag_records"].as_u64().unwrap_or(0);
+    s.primary.kill9();
+    let acked = w.join();
+    assert!(acked > 100, "the workload made too little progress ({acked} records)");
+    eprintln!("acked {acked} records; the target lagged by {lag} records at the kill");
+
+    // A dry run says what it would send and changes nothing: no fence (the real run below
+    // still fences at epoch 1), nothing moved.
+    let (ok, text) = failover(&s.bunker.url(), &s.target.url(), &["--dry-run"]);
+    assert!(ok, "dry run failed:\n{text}");
+    assert!(text.contains("would fence the bunker and the target at epoch 1"), "{text}");
+    assert!(text.contains("nothing was changed"), "{text}");
+
+    let (ok, text) = failover(&s.bunker.url(), &s.target.url(), &[]);
+    assert!(ok, "failover failed:\n{text}\ntarget log:\n{}", s.target.log());
+    assert!(text.contains("at epoch 1"), "the dry run changed the epoch:\n{text}");
+    let end = end_lsn(&text);
+    let present = check_prefix(&s.target.dir, acked);
+    eprintln!("failover: end LSN {end}, {present} records present at the target ({acked} acked)\n{text}");
+
+    // Twice is harmless.
+    let (ok, again) = failover(&s.bunker.url(), &s.target.url(), &[]);
+    assert!(ok && again.contains("already failed over"), "second failover:\n{again}");
+    assert_eq!(check_prefix(&s.target.dir, acked), present);
+
+    // The old primary, revived, is refused: it learns it was fenced and ships nothing.
+    s.primary.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&s.primary.journal);
+        let fenced = st["targets"][0]["state"] == "fenced";
+        if fenced {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old primary did not learn it was fenced: {st:#}");
+        sleep(Duration::from_millis(200));
+    }
+    fs::write(s.primary.mnt.join("after-failover"), b"only on the old primary").unwrap();
+    sleep(Duration::from_secs(2));
+    assert!(!s.target.dir.join("after-failover").exists(), "a fenced primary shipped to the promoted target");
+    assert!(s.primary.log().contains("fenced"), "the old primary does not say it was fenced:\n{}", s.primary.log());
+    drop(s.proxy);
+}
+
+#[test]
+fn async_bunker_loss_is_bounded_by_its_reported_lag() {
+    let mut s = setup("async");
+    wait_bunker_in_sync(&s.primary.journal);
+    let w = Workload::start(&s.primary.mnt);
+    // Sample the bunker's reported lag until the kill; the loss must fit in the last one plus
+    // what was acked after it.
+    let mut last = (0u64, 0u64);
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let acked_before = w.acked();
+        let lag = status(&s.primary.journal)["bunker"]["lag_records"].as_u64().unwrap_or(u64::MAX);
+        last = (lag, acked_before);
+        sleep(Duration::from_millis(50));
+    }
+    s.primary.kill9();
+    let acked = w.join();
+    let (ok, text) = failover(&s.bunker.url(), &s.target.url(), &[]);
+    assert!(ok, "failover failed:\n{text}");
+    let present = check_prefix(&s.target.dir, 0);
+    let lost = acked.saturating_sub(present);
+    // Each workload step is one write record (plus, every 50, a create, a write and a commit):
+    // records lost are at most the lag at the last sample plus the steps after it, doubled for
+    // the writeback cache splitting a record over two pages.
+    let after_sample = acked - last.1;
+    let bound = last.0 + 2 * (after_sample + 4);
+    eprintln!("async: acked {acked}, present {present}, lost {lost}, last lag {} records, {after_sample} acked after it", last.0);
+    assert!(lost <= bound, "lost {lost} acknowledged records, more than the reported lag allows ({bound})");
+    drop(s.proxy);
+    drop(s.base);
+}
+
+#[test]
+fn bunker_lost_in_sync_mode_degrades_then_catches_up_and_nothing_acknowledged_is_lost() {
+    let mut s = setup("sync");
+    s.primary.restart_with(&[
+        "--target",
+        &s.proxy.url(),
+        "--bunker",
+        &s.bunker.url(),
+        "--bunker-timeout",
+        "1s",
+    ]);
+    wait_bunker_in_sync(&s.primary.journal);
+    let w = Workload::start(&s.primary.mnt);
+    sleep(Duration::from_secs(1));
+    s.bunker.kill9();
+    // fsync goes on after the timeout, degraded, said loudly in status.
+    let at_kill = w.acked();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = status(&s.primary.journal);
+        if st["bunker"]["degraded"] == true && w.acked() > at_kill + 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fsync did not go on degraded: acked {} {st:#}", w.acked());
+        sleep(Duration::from_millis(100));
+    }
+    // The bunker returns, catches up, and sync mode is back.
+    s.bunker.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&s.primary.journal);
+        if st["bunker"]["degraded"] == false && st["bunker"]["state"] == "in-sync" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bunker did not catch up: {st:#}");
+        sleep(Duration::from_millis(100));
+    }
+    sleep(Duration::from_secs(1));
+    s.primary.kill9();
+    let acked = w.join();
+    let (ok, text) = failover(&s.bunker.url(), &s.target.url(), &[]);
+    assert!(ok, "failover failed:\n{text}");
+    check_prefix(&s.target.dir, acked);
+    drop(s.proxy);
+}
+
+/// Writes `len` bytes of pattern `seed` at `off` of `p` (creating it), then fsyncs.
+fn put(p: &Path, off: u64, len: usize, seed: u64) {
+    let f = OpenOptions::new().create(true).write(true).truncate(false).open(p).unwrap();
+    f.write_all_at(&pattern(seed, len), off).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn failback_resyncs_only_the_blocks_that_differ() {
+    let mut s = setup("sync");
+    wait_bunker_in_sync(&s.primary.journal);
+    // A body of data both sides share: a full copy would move all of it.
+    for i in 0..16 {
+        put(&s.primary.mnt.join(format!("big{i}")), 0, 4 << 20, i);
+    }
+    s.proxy.set_delay(Duration::ZERO);
+    common::target::wait_converged(&s.primary.journal, &s.primary.backing, &[&s.target.dir], Duration::from_secs(120));
+    s.primary.kill9();
+    let (ok, text) = failover(&s.bunker.url(), &s.target.url(), &[]);
+    assert!(ok, "failover failed:\n{text}");
+
+    // The old primary comes back and writes what the target never receives.
+    s.primary.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&s.primary.journal)["targets"][0]["state"] != "fenced" {
+        assert!(Instant::now() < deadline, "not fenced");
+        sleep(Duration::from_millis(200));
+    }
+    put(&s.primary.mnt.join("old-only"), 0, 1 << 20, 100); // 256 blocks
+    put(&s.primary.mnt.join("big1"), 1 << 20, 64 << 10, 101); // 16 blocks
+    let old_stop = s.primary.stop();
+    assert!(old_stop.success());
+
+    // The promoted target becomes the new primary and writes too.
+    let (new_backing, new_journal) = (s.target.dir.clone(), s.target.state.join("log"));
+    s.target.stop();
+    let mut newp = Mount::start_on(&new_backing, &new_journal, &[]);
+    put(&newp.mnt.join("new-only"), 0, 2 << 20, 200); // 512 blocks
+    put(&newp.mnt.join("big2"), 0, 128 << 10, 201); // 32 blocks
+    fs::remove_file(newp.mnt.join("big3")).unwrap();
+
+    // Fail the old primary back: it serves as a target, the new primary resyncs it.
+    let fb_state = s.base.path().join("failback-state");
+    fs::create_dir(&fb_state).unwrap();
+    let fb = NodeProc::start(
+        s.base.path().join("failback.log"),
+        vec![
+            "failback".into(),
+            "--journal".into(),
+            s.primary.journal.clone().into(),
+            "--backing".into(),
+            s.primary.backing.clone().into(),
+            "--state".into(),
+            fb_state.clone().into(),
+        ],
+    );
+    newp.restart_with(&["--target", &fb.url()]);
+    common::target::wait_converged(&newp.journal, &newp.backing, &[&s.primary.backing], Duration::from_secs(120));
+    let st = status(&newp.journal);
+    let sent = st["targets"][0]["bytes_sent"].as_u64().unwrap();
+    let differing: u64 = (256 + 16 + 512 + 32) * 4096;
+    let framing = 256 << 10;
+    eprintln!("failback sent {sent} bytes for {differing} bytes of differing blocks");
+    assert!(
+        sent as f64 <= 1.1 * differing as f64 + framing as f64,
+        "failback sent {sent} bytes, more than 1.1 x {differing} + {framing}: not only the differing blocks"
+    );
+    assert!(tree_diff(&newp.backing, &s.primary.backing).is_empty());
+    drop(fb);
+    let _ = newp.stop();
+}
