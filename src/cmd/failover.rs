@@ -19,6 +19,8 @@ use crate::types::Lsn;
 
 /// How long a peer may stay silent (no frame, no heartbeat) during a failover.
 const SILENCE_MAX: Duration = Duration::from_secs(30);
+/// How long to wait for the bunker and the target to notice a dead primary's silence.
+const NOTICE_WAIT: Duration = Duration::from_secs(10);
 /// Records per block moved from the bunker to the target (the bunker's frames).
 const BLOCK_BYTES: usize = 1 << 20;
 
@@ -80,7 +82,18 @@ pub fn run(a: FailoverArgs) -> Result<()> {
         Some(_) => Box::new(TcpBunker::connect(tcp_addr("--bunker", &a.bunker)?, key.clone())?),
         None => Box::new(DirBunker::open(&a.bunker)?),
     };
-    let mut target = TcpTarget::connect(target_addr, key)?;
+    let mut target = TcpTarget::connect(target_addr, key.clone())?;
+    // A primary killed a moment ago is still "connected" until its peers notice the silence
+    // (a few seconds): ask again for a while before refusing.
+    let patience = Instant::now() + NOTICE_WAIT;
+    while !a.force && (bunker.view().primary_connected || target.view.primary_connected) && Instant::now() < patience {
+        eprintln!("waiting for the bunker and the target to notice that the primary is gone ...");
+        std::thread::sleep(Duration::from_secs(1));
+        if a.bunker.starts_with("tcp://") {
+            bunker = Box::new(TcpBunker::connect(tcp_addr("--bunker", &a.bunker)?, key.clone())?);
+        }
+        target = TcpTarget::connect(target_addr, key.clone())?;
+    }
     if bunker.set_id() != target.set_id {
         bail!(
             "the bunker ({}) and the target ({}) belong to different replication sets ({} and {}); nothing was changed",

@@ -145,6 +145,7 @@ pub fn run(a: MountArgs) -> Result<()> {
     let key = a.key.as_deref().map(replication::read_key).transpose()?;
     let has_journal = storage.read_superblock_if_any()?.is_some();
     let maps = replication::load_maps(&storage, &targets, has_journal)?;
+    let promotion = replication::promotion_map(&storage, has_journal)?;
 
     let mut recovered = false;
     let opened = match storage.read_superblock_if_any()? {
@@ -182,8 +183,10 @@ pub fn run(a: MountArgs) -> Result<()> {
     opened.journal.mark_open(boot).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ids = IdTable::from_snapshot(opened.ids.snapshot());
     let core = Arc::new(Core::new(opened.journal, tree, ids, CoreConfig::default())?);
-    let hub = (!targets.is_empty()).then(|| {
-        let named = targets.iter().zip(maps).map(|(t, (upto, map))| (t.url().to_string(), upto, map)).collect();
+    let hub = (!targets.is_empty() || promotion.is_some()).then(|| {
+        let mut named: Vec<_> =
+            targets.iter().zip(maps).map(|(t, (upto, map))| (t.url().to_string(), upto, map)).collect();
+        named.extend(promotion);
         let hub = Hub::new(core.journal.clone(), named);
         core.set_marks(hub.clone());
         hub

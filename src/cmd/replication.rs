@@ -256,6 +256,34 @@ pub fn load_maps(storage: &DirStorage, targets: &[TargetUrl], has_journal: bool)
     Ok(maps)
 }
 
+/// On a journal made by a failover's promotion (a promoted target's log mounted as the new
+/// primary's journal): the since-promotion map (`hub::PROMOTION_LINK`), re-marked from the
+/// journal and written, to be kept in the hub so a later failback of the old primary sends
+/// only what changed here since the fork. `None` on any other journal.
+pub fn promotion_map(storage: &DirStorage, has_journal: bool) -> Result<Option<(String, Lsn, SyncMap)>> {
+    if !has_journal {
+        return Ok(None);
+    }
+    let Some(p) = crate::replica::target::read_promotion(storage).map_err(|e| anyhow::anyhow!("{e}"))? else {
+        return Ok(None);
+    };
+    let name = hub::map_file_name(hub::PROMOTION_LINK);
+    let (upto, map) = match crate::io::Storage::read_file(storage, &name)
+        .with_context(|| format!("reading {name}"))?
+    {
+        Some(b) => hub::decode_map_file(&b).map_err(|e| anyhow::anyhow!("the since-promotion map `{name}` is damaged: {e}"))?,
+        None => {
+            let mut m = SyncMap::new_in_sync(Lsn(p.fork_lsn));
+            m.fall_back();
+            (Lsn(p.fork_lsn), m)
+        }
+    };
+    let mut maps = [(upto, map)];
+    mark_and_save_named(storage, std::slice::from_ref(&name), &mut maps)?;
+    let [(upto, map)] = maps;
+    Ok(Some((hub::PROMOTION_LINK.to_string(), upto, map)))
+}
+
 /// Re-marks `maps` (named by `urls`) from the journal and writes them, covering everything
 /// the journal holds now.
 pub fn mark_and_save(storage: &DirStorage, urls: &[String], maps: &mut [(Lsn, SyncMap)]) -> Result<()> {
@@ -359,7 +387,11 @@ pub fn report(
         durable_lsn: journal.durable_lsn().0.saturating_sub(1),
         checkpoint_lsn: sb.start_lsn.0,
     };
-    let targets = hub.map(|h| h.links.iter().map(|l| target_status(journal, l, next)).collect()).unwrap_or_default();
+    let targets = hub
+        .map(|h| {
+            h.links.iter().filter(|l| l.url != hub::PROMOTION_LINK).map(|l| target_status(journal, l, next)).collect()
+        })
+        .unwrap_or_default();
     let mut report = StatusReport::new(js, targets);
     report.bunker = bunker.map(|b| bunker_status(journal, b, next));
     report
