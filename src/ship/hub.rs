@@ -125,10 +125,10 @@ pub const FENCE_FILE: &str = "fenced";
 /// failed back from the locations that differ (design §5, "Failback"). Its map is kept in
 /// `target-since-promotion.map` like a target's.
 pub const PROMOTION_LINK: &str = "since-promotion";
-const FENCE_MAGIC: [u8; 8] = *b"FRYFENC1";
+const FENCE_MAGIC: [u8; 8] = *b"FRYPFNC1";
 
 impl Fence {
-    /// "FRYFENC1", epoch (u64 LE), fork LSN (u64 LE), the text (UTF-8, to the end).
+    /// "FRYPFNC1", epoch (u64 LE), fork LSN (u64 LE), the text (UTF-8, to the end).
     pub fn encode(&self) -> Vec<u8> {
         let mut v = FENCE_MAGIC.to_vec();
         v.extend_from_slice(&self.epoch.to_le_bytes());
