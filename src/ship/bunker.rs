@@ -652,8 +652,11 @@ impl<S: Storage> BunkerLink<S> {
                 s.bye("the primary is stopping");
                 return Ok(());
             }
-            if let Some((epoch, fork_lsn, _)) = (self.hooks.fenced)() {
-                return Err(LinkError::Fenced { epoch, fork_lsn });
+            if let Some((epoch, fork_lsn, text)) = (self.hooks.fenced)() {
+                // A target said so: the bunker link stops too, with the target's words.
+                s.bye("this primary was fenced by a failover");
+                self.fence(epoch, fork_lsn, Some(text));
+                return Ok(());
             }
             if self.lock().released {
                 return Err(LinkError::Failed(
@@ -1593,6 +1596,30 @@ mod tests {
         let started = Instant::now();
         j.sync_mirrored().unwrap();
         assert!(started.elapsed() < Duration::from_millis(100));
+        link.stop();
+    }
+
+    #[test]
+    fn a_fence_heard_from_a_target_stops_the_bunker_link_too() {
+        let p = tempfile::tempdir().unwrap();
+        let j = journal(p.path(), GEO);
+        let fenced = Arc::new(Mutex::new(None::<FenceNote>));
+        let (seen, told) = (fenced.clone(), Arc::new(Mutex::new(0)));
+        let t = told.clone();
+        let hooks = Hooks {
+            fenced: Box::new(move || seen.lock().unwrap().clone()),
+            on_fenced: Box::new(move |_, _, _| *t.lock().unwrap() += 1),
+            ..Hooks::default()
+        };
+        let link =
+            linked(&j, config(Mode::Sync, Unreachable::Degrade), hooks, Box::new(FakeConnector(fake(true, true))));
+        eventually("connected", Duration::from_secs(5), || link.snapshot().link_state == LinkState::InSync);
+        *fenced.lock().unwrap() = Some((5, 9, "FENCED: target tcp://t:1 was fenced at epoch 5".into()));
+        eventually("fenced", Duration::from_secs(5), || link.snapshot().fenced_epoch == Some(5));
+        let snap = link.snapshot();
+        assert_eq!(snap.last_error.as_deref(), Some("FENCED: target tcp://t:1 was fenced at epoch 5"));
+        assert_eq!(*told.lock().unwrap(), 1);
+        assert_eq!(link.floor(), None, "a fenced link holds no journal space");
         link.stop();
     }
 
