@@ -283,6 +283,10 @@ impl FakePrimary {
             }
             other => panic!("fake primary: expected the target's Status, got {other:?}"),
         };
+        match reader.recv(WAIT) {
+            Ok(Frame::Control(ControlMsg::LogInfo { .. })) => {}
+            other => panic!("fake primary: expected the target's LogInfo after its Status, got {other:?}"),
+        }
         FakePrimary { raw, reader, local, log_from, status }
     }
 
