@@ -26,7 +26,7 @@ use crate::status::StatusReport;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    about = "Show ferryfs at work on temp dirs: mount, replicate, check the mirror, crash, recover, resync",
+    about = "Show ferryfs at work on temp dirs: mount, replicate, crash, recover, resync, then a bunker and a failover",
     long_about = "Runs a self-contained demonstration in a new temporary directory and removes it afterwards \
 (unless --keep). Nothing outside that directory is touched, and no network beyond loopback is used.\n\n\
 Steps:\n  \
@@ -49,7 +49,12 @@ shows what recovery will redo.\n  \
 journal holds that the target may not have acknowledged, then replays the journal into the backing \
 directory; every fsynced byte is verified there. The primary resyncs the target from the sync map, one \
 more file is written, and the mirror is compared again as in step 5.\n\n\
-Finally the mount is unmounted cleanly and the target stopped. On any failure, interruption (Ctrl-C, \
+8. A bunker (`ferryfs bunker`, a child process on another loopback port) is added: the mount \
+restarts with `--bunker tcp://127.0.0.1:PORT --bunker-mode sync`. The target goes away, 20 files are \
+written with fsync (the bunker holds them, the target does not), and the primary is killed. The target \
+comes back without them; `ferryfs failover --bunker … --target …` copies the records it lacks from the \
+bunker and promotes it; every one of the 20 files is then verified in the mirror.\n\n\
+Finally the target and the bunker are stopped. On any failure, interruption (Ctrl-C, \
 SIGTERM) or panic, the mount is killed and detached, the target stopped and the temporary directory \
 removed (unless --keep); the exit status is then 1. The whole run takes a few seconds.\n\n\
 Needs root (or FUSE access) and /dev/fuse. The mount runs as `ferryfs mount` from this same \
@@ -67,6 +72,8 @@ pub struct DemoArgs {
 
 /// Data in the backing directory before the mount: the new target's initial sync copies it.
 const EXISTING_FILES: u64 = 8;
+/// Files fsynced while the target is away, just before the primary dies.
+const DISASTER_FILES: u64 = 20;
 const EXISTING_FILE_BYTES: usize = 4 << 20;
 /// The big file of the workload, written without fsync in chunks.
 const BIG_FILE_BYTES: usize = 24 << 20;
@@ -107,11 +114,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
         step: Cell::new(0),
     };
     println!("ferryfs demo in {}", demo.base.display());
-    let mut guards = Guards { mount: None, target: None };
+    let mut guards = Guards { mount: None, target: None, bunker: None };
     let result = demo.run(&mut guards);
     // The mount goes before the target, so the primary does not see its target vanish first.
     drop(guards.mount.take());
     drop(guards.target.take());
+    drop(guards.bunker.take());
     let result = match result {
         Err(e) if demo.interrupted.load(Ordering::Relaxed) => Err(e.context("interrupted")),
         r => r,
@@ -141,10 +149,21 @@ struct Demo {
     step: Cell<u32>,
 }
 
-/// What must be undone on every path; dropped mount first, then target.
+/// What must be undone on every path; dropped mount first, then target, then bunker.
 struct Guards {
     mount: Option<MountGuard>,
     target: Option<TargetGuard>,
+    bunker: Option<ChildGuard>,
+}
+
+/// A child process killed when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Kills and detaches the demo mount even when the demo fails half way.
@@ -415,13 +434,116 @@ impl Demo {
         self.wait_in_sync()?;
         self.compare()?;
 
-        self.step("clean up: unmount (SIGTERM), stop the target");
-        g.mount.as_mut().expect("the mount is running").stop()?;
-        g.mount = None;
-        println!("  unmounted; journal closed cleanly");
+        self.disaster(g, &url)?;
+
+        self.step("clean up: stop the promoted target and the bunker");
         drop(g.target.take());
         println!("  target stopped");
+        drop(g.bunker.take());
+        println!("  bunker stopped");
         Ok(())
+    }
+
+    /// The bunker and a failover (issue 4): the primary with a sync bunker; the mirror target
+    /// goes away while fsynced writes go on; the primary dies; `ferryfs failover` brings the
+    /// target up to the last acknowledged write from the bunker and promotes it.
+    fn disaster(&self, g: &mut Guards, url: &str) -> Result<()> {
+        let bunker_dir = self.base.join("bunker");
+        std::fs::create_dir(&bunker_dir)?;
+        let burl = self.start_bunker(g, &bunker_dir)?;
+        self.step(&format!(
+            "remount the primary with a bunker in sync mode: --bunker {burl} (an fsync returns once the local journal \
+             and the bunker hold it)"
+        ));
+        g.mount.as_mut().expect("the mount is running").stop()?;
+        g.mount = None;
+        self.mount_with(g, url, "mount-with-bunker.log", &["--bunker", &burl, "--bunker-mode", "sync"])?;
+        let deadline = Instant::now() + IN_SYNC;
+        while self.status_json()?.bunker.as_ref().is_none_or(|b| b.state != "in-sync") {
+            self.check_interrupted()?;
+            if Instant::now() > deadline {
+                bail!("the bunker link did not come up within {IN_SYNC:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.show_status("with the bunker")?;
+
+        self.step(&format!(
+            "disaster: the mirror target goes away; {DISASTER_FILES} files are written with fsync (the bunker gets \
+             them, the target does not); then the primary is killed with SIGKILL"
+        ));
+        drop(g.target.take());
+        std::fs::create_dir(self.m("disaster"))?;
+        let mut written = Vec::new();
+        for i in 0..DISASTER_FILES {
+            let data = pattern(9000 + i, 32 << 10);
+            let mut f = std::fs::File::create(self.m(&format!("disaster/d-{i:02}")))?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            written.push((format!("disaster/d-{i:02}"), data));
+        }
+        std::fs::File::open(self.m("disaster"))?.sync_all()?;
+        g.mount.as_mut().expect("the mount is running").crash()?;
+        g.mount = None;
+        println!("  {DISASTER_FILES} files of 32 KiB fsynced, then the primary was killed");
+
+        let port = self.start_target(g)?;
+        let turl = format!("tcp://127.0.0.1:{port}");
+        let missing = written.iter().filter(|(p, _)| !self.mirror.join(p).exists()).count();
+        println!("  the target is back: {missing} of the {DISASTER_FILES} fsynced files are missing from the mirror");
+
+        self.step(&format!("ferryfs failover --bunker {burl} --target {turl}"));
+        let out = Command::new(&self.exe)
+            .args(["failover", "--bunker", &burl, "--target", &turl])
+            .output()
+            .context("running ferryfs failover")?;
+        for l in String::from_utf8_lossy(&out.stderr).lines().chain(String::from_utf8_lossy(&out.stdout).lines()) {
+            println!("  {}", strip_ansi(l));
+        }
+        if !out.status.success() {
+            bail!("ferryfs failover failed");
+        }
+
+        self.step("verify: every file fsynced before the disaster is in the promoted mirror, byte for byte");
+        for (p, data) in &written {
+            let got = std::fs::read(self.mirror.join(p)).with_context(|| format!("{p} is missing from the mirror"))?;
+            if &got != data {
+                bail!("{p} differs in the mirror");
+            }
+        }
+        println!(
+            "  all {DISASTER_FILES} present: zero data loss. The mirror is the primary of the new epoch; it could be \
+             mounted with --backing mirror --journal target-state/log"
+        );
+        Ok(())
+    }
+
+    /// Starts `ferryfs bunker` as a child process on a free loopback port.
+    fn start_bunker(&self, g: &mut Guards, dir: &Path) -> Result<String> {
+        let port = free_port()?;
+        self.step(&format!("bunker: ferryfs bunker --listen 127.0.0.1:{port} --dir bunker"));
+        let log = std::fs::File::create(self.base.join("bunker.log"))?;
+        let child = Command::new(&self.exe)
+            .args(["bunker", "--listen", &format!("127.0.0.1:{port}"), "--dir"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting ferryfs bunker")?;
+        let guard = g.bunker.insert(ChildGuard(child));
+        let deadline = Instant::now() + TARGET_UP;
+        while !is_listening(port) {
+            self.check_interrupted()?;
+            if Instant::now() > deadline || guard.0.try_wait()?.is_some() {
+                bail!(
+                    "the bunker did not listen on 127.0.0.1:{port}; its log:\n{}",
+                    std::fs::read_to_string(self.base.join("bunker.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(format!("tcp://127.0.0.1:{port}"))
     }
 
     /// Starts the mirror target on a free loopback port, in a thread of this process.
@@ -477,6 +599,10 @@ impl Demo {
 
     /// Starts `ferryfs mount` as a child with the target, and waits for the mount to appear.
     fn mount(&self, g: &mut Guards, url: &str, log_name: &str) -> Result<()> {
+        self.mount_with(g, url, log_name, &[])
+    }
+
+    fn mount_with(&self, g: &mut Guards, url: &str, log_name: &str, extra: &[&str]) -> Result<()> {
         let log_path = self.base.join(log_name);
         let log = std::fs::File::create(&log_path)?;
         let child = Command::new(&self.exe)
@@ -487,6 +613,7 @@ impl Demo {
             .arg("--journal")
             .arg(&self.journal)
             .args(["--journal-size", "256M", "--commit-interval", "1s", "--target", url])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
