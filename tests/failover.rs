@@ -334,6 +334,20 @@ fn failback_resyncs_only_the_blocks_that_differ() {
 
     // The promoted target becomes the new primary and writes too.
     let (new_backing, new_journal) = (s.target.dir.clone(), s.target.state.join("log"));
+    // While `ferryfs target` still runs there, its log is not a journal anyone may mount.
+    let mnt = s.base.path().join("early-mnt");
+    fs::create_dir(&mnt).unwrap();
+    let out = ferryfs()
+        .arg("mount")
+        .arg(&mnt)
+        .arg("--backing")
+        .arg(&new_backing)
+        .arg("--journal")
+        .arg(&new_journal)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "mounted a promoted log while its target still runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{}", String::from_utf8_lossy(&out.stderr));
     s.target.stop();
     let mut newp = Mount::start_on(&new_backing, &new_journal, &[]);
     put(&newp.mnt.join("new-only"), 0, 2 << 20, 200); // 512 blocks

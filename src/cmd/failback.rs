@@ -92,6 +92,7 @@ pub fn run(a: FailbackArgs) -> Result<()> {
     let geometry = JournalGeometry { segment_size, segment_count: (a.log_size / segment_size).max(4) as u32 };
     let log = state.join("log");
     std::fs::create_dir_all(&log).with_context(|| format!("creating {}", log.display()))?;
+    let _log_lock = common::lock_journal(&log)?;
     if DirStorage::new(&log).read_superblock_if_any()?.is_none() {
         prepare(&journal, &backing, &state, geometry)?;
     } else if !state.join(FAILBACK_FILE).exists() {

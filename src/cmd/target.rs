@@ -76,6 +76,11 @@ pub fn run(a: TargetArgs) -> Result<()> {
     let segment_size = 16u64 << 20;
     let count = (a.log_size / segment_size).max(4) as u32;
     let _lock = common::lock_journal(&state)?;
+    // The log too: after a failover promotes this target, `ferryfs mount --journal STATE/log`
+    // must find it in use (two writers of one superblock) until this process stops.
+    let log_dir = state.join("log");
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let _log_lock = common::lock_journal(&log_dir)?;
     let target = Target::new(TargetConfig {
         listen,
         dir,
