@@ -268,10 +268,10 @@ pub fn promotion_map(storage: &DirStorage, has_journal: bool) -> Result<Option<(
         return Ok(None);
     };
     let name = hub::map_file_name(hub::PROMOTION_LINK);
-    let (upto, map) = match crate::io::Storage::read_file(storage, &name)
-        .with_context(|| format!("reading {name}"))?
-    {
-        Some(b) => hub::decode_map_file(&b).map_err(|e| anyhow::anyhow!("the since-promotion map `{name}` is damaged: {e}"))?,
+    let (upto, map) = match crate::io::Storage::read_file(storage, &name).with_context(|| format!("reading {name}"))? {
+        Some(b) => {
+            hub::decode_map_file(&b).map_err(|e| anyhow::anyhow!("the since-promotion map `{name}` is damaged: {e}"))?
+        }
         None => {
             let mut m = SyncMap::new_in_sync(Lsn(p.fork_lsn));
             m.fall_back();

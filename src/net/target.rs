@@ -194,7 +194,7 @@ impl Target {
         }
         tracing::info!("primary {peer} connected (authenticated: {})", est.authenticated);
         eprintln!("ferryfs target: primary {peer} connected");
-        let r = self.clone().session(&mut sock, &mut out, leftover, core, conn, epoch).await;
+        let r = self.clone().session(&mut sock, &mut out, leftover, core, conn, epoch, est.version).await;
         let mut a = self.active.lock().unwrap();
         if a.is_some_and(|(c, _)| c == conn) {
             *a = None;
@@ -236,9 +236,12 @@ impl Target {
         core: Arc<Core>,
         conn: u64,
         peer_epoch: u64,
+        version: crate::proto::wire::Version,
     ) -> Result<(), String> {
         out.send(sock, &Frame::Control(core.status_msg())).await?;
-        out.send(sock, &Frame::Control(core.log_info(true))).await?;
+        if version.minor >= crate::proto::wire::MINOR_FAILOVER {
+            out.send(sock, &Frame::Control(core.log_info(true))).await?;
+        }
         let mut dec = FrameDecoder::new();
         dec.push(&leftover);
         let mut buf = vec![0u8; 1 << 20];

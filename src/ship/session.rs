@@ -104,13 +104,18 @@ impl Connector for TcpConnector {
             Ok(other) => return Err(format!("the target began with {:?} instead of its status", other.kind())),
             Err(e) => return Err(format!("waiting for the target's status: {e}")),
         };
-        match reader.recv(TARGET_SILENCE_MAX) {
-            Ok(Frame::Control(ControlMsg::LogInfo { epoch, failback, .. })) => {
-                position.epoch = epoch;
-                position.failback = failback;
+        if est.version.minor < crate::proto::wire::MINOR_FAILOVER {
+            // A 1.0 target sends no LogInfo: it knows no epoch but its hello's.
+            position.epoch = est.peer.epoch;
+        } else {
+            match reader.recv(TARGET_SILENCE_MAX) {
+                Ok(Frame::Control(ControlMsg::LogInfo { epoch, failback, .. })) => {
+                    position.epoch = epoch;
+                    position.failback = failback;
+                }
+                Ok(other) => return Err(format!("the target sent {:?} instead of its log info", other.kind())),
+                Err(e) => return Err(format!("waiting for the target's log info: {e}")),
             }
-            Ok(other) => return Err(format!("the target sent {:?} instead of its log info", other.kind())),
-            Err(e) => return Err(format!("waiting for the target's log info: {e}")),
         }
         let (tx, rx) = mpsc::sync_channel(1024);
         let (fence, addr, ours) = (self.fence.clone(), self.addr, self.epoch);

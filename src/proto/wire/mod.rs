@@ -24,7 +24,11 @@ pub use control::{CONTROL_VERSION, ControlMsg};
 /// The first 8 bytes each side sends.
 pub const HELLO_MAGIC: [u8; 8] = *b"FRYWIRE\0";
 /// The protocol this build speaks. Majors must be equal; the lower minor is used.
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 0 };
+/// 1.1 added the bunker, failover and failback messages (`LogInfo` … `DirtyMap`) and a
+/// target's `LogInfo` after its `Status`.
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 1 };
+/// The first minor with the bunker, failover and failback messages.
+pub const MINOR_FAILOVER: u16 = 1;
 /// Length of the hello this build sends (protocol 1.0).
 pub const HELLO_LEN: usize = 96;
 /// Longest hello accepted: a later 1.x may append fields before the crc, up to this.

@@ -15,9 +15,10 @@ fn config(role: Role, instance: u8, nonce: u8, key: Option<Key>) -> HandshakeCon
     HandshakeConfig { role, set_id: [0xAB; 16], epoch: 3, instance_id: [instance; 16], nonce: [nonce; 32], key }
 }
 
+/// The documented example is a protocol 1.0 hello (1.1 keeps its layout).
 fn golden_hello() -> Hello {
     Hello {
-        version: PROTOCOL_VERSION,
+        version: Version { major: 1, minor: 0 },
         role: Role::Primary,
         flags: HELLO_FLAG_KEY,
         set_id: std::array::from_fn(|i| 0x10 + i as u8),
@@ -599,7 +600,7 @@ fn newer_major_is_refused_naming_both_versions() {
     let err = hs.push(&peer[..HELLO_PREFIX_LEN]).unwrap_err();
     assert_eq!(err, WireError::PeerVersionNewer { peer: Version { major: 2, minor: 3 }, ours: PROTOCOL_VERSION });
     let text = err.to_string();
-    assert!(text.contains("2.3") && text.contains("1.0") && text.contains("upgrade"), "{text}");
+    assert!(text.contains("2.3") && text.contains(&PROTOCOL_VERSION.to_string()) && text.contains("upgrade"), "{text}");
 }
 
 #[test]
@@ -607,7 +608,7 @@ fn older_major_is_refused_naming_both_versions() {
     let peer = hello_with_version(Version { major: 0, minor: 9 }, &[]);
     let err = Hello::decode(&peer).unwrap_err();
     assert!(matches!(err, WireError::PeerVersionOlder { .. }));
-    assert!(err.to_string().contains("0.9") && err.to_string().contains("1.0"), "{err}");
+    assert!(err.to_string().contains("0.9") && err.to_string().contains(&PROTOCOL_VERSION.to_string()), "{err}");
 }
 
 #[test]
