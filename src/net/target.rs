@@ -194,7 +194,7 @@ impl Target {
         }
         tracing::info!("primary {peer} connected (authenticated: {})", est.authenticated);
         eprintln!("ferryfs target: primary {peer} connected");
-        let r = self.clone().session(&mut sock, &mut out, leftover, core, conn, epoch, est.version).await;
+        let r = self.clone().session(&mut sock, &mut out, leftover, core, (conn, epoch, est.version)).await;
         let mut a = self.active.lock().unwrap();
         if a.is_some_and(|(c, _)| c == conn) {
             *a = None;
@@ -234,9 +234,7 @@ impl Target {
         out: &mut Out,
         leftover: Vec<u8>,
         core: Arc<Core>,
-        conn: u64,
-        peer_epoch: u64,
-        version: crate::proto::wire::Version,
+        (conn, peer_epoch, version): (u64, u64, crate::proto::wire::Version),
     ) -> Result<(), String> {
         out.send(sock, &Frame::Control(core.status_msg())).await?;
         if version.minor >= crate::proto::wire::MINOR_FAILOVER {
