@@ -180,12 +180,35 @@ fn prepare(journal: &Path, backing: &Path, state: &Path, geometry: JournalGeomet
 }
 
 /// The locations the old primary changed from `fork` on: its journal's records from there,
-/// or, when the journal no longer holds them all, the union of its targets' sync maps (a
-/// superset: every map holds what its target never acked); a full resync when neither can
-/// tell.
+/// or, when the journal no longer holds them all (a crash recovery frees the log once it is
+/// replayed), its targets' sync maps: every map holds what its target never acked, each
+/// location with its pending update ids while shipping was ordered, so the locations whose
+/// updates all lie below the fork are dropped; a map that fell back keeps all its marks (a
+/// superset). A full resync when neither can tell.
 fn changes_since(journal: &Path, fork: u64) -> Result<SyncMap, String> {
     let storage = DirStorage::new(journal);
     let sb = crate::journal::read_superblock(&storage).map_err(|e| format!("the old journal: {e}"))?;
+    // After a machine crash the bunker (and so the new primary) may hold records this node's
+    // journal lost; its own records since then reuse those LSNs.
+    let recovered_at = storage
+        .read_file(super::mount::RECOVERED_AT_FILE)
+        .ok()
+        .flatten()
+        .and_then(|b| b.try_into().ok().map(u64::from_le_bytes));
+    if let Some(r) = recovered_at.filter(|r| *r < fork) {
+        // The records [r, fork) exist only in the new history (this node lost them in a
+        // machine crash) and this node's own records reuse their LSNs: neither side can say
+        // which locations they touched. Safe, and said loudly: a full resync.
+        eprintln!(
+            "ferryfs failback: this node's journal restarted at LSN {r} after a crash, below the fork {fork}: the \
+             records between exist only on the new primary and their locations are unknown here: a FULL resync is \
+             needed"
+        );
+        let mut full = SyncMap::new_in_sync(Lsn(fork));
+        full.fall_back();
+        full.require_full_resync();
+        return Ok(full);
+    }
     let mut fresh = SyncMap::new_in_sync(Lsn(fork));
     fresh.fall_back();
     if sb.start_lsn.0 <= fork {
@@ -211,7 +234,11 @@ fn changes_since(journal: &Path, fork: u64) -> Result<SyncMap, String> {
     }
     let mut pairs: Vec<(Lsn, SyncMap)> = maps.into_iter().map(|(_, upto, map)| (upto, map)).collect();
     hub::remark_from_journal(&storage, &mut pairs).map_err(|e| format!("reading the old journal: {e}"))?;
-    for (_, m) in &pairs {
+    for (_, m) in &mut pairs {
+        // An ordered map knows each location's pending updates: one whose updates all lie
+        // below the fork changed only in the history both sides share. "Acking" up to the
+        // fork drops exactly those. (A fallen-back map knows no update ids: all of it stays.)
+        m.ack(Lsn(fork.saturating_sub(1)));
         fresh.mark_all_of(m, Lsn(fork));
     }
     eprintln!(

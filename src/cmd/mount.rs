@@ -114,6 +114,10 @@ pub struct MountArgs {
     pub bunker_unreachable: UnreachableArg,
 }
 
+/// In the journal directory: the LSN the last run after a crash recovery began appending at
+/// (u64 LE).
+pub const RECOVERED_AT_FILE: &str = "recovered-at";
+
 pub fn run(a: MountArgs) -> Result<()> {
     let mountpoint = common::existing_dir("mountpoint", &a.mountpoint)?;
     let backing = common::existing_dir("--backing", &a.backing)?;
@@ -180,6 +184,14 @@ pub fn run(a: MountArgs) -> Result<()> {
             opened
         }
     };
+    if recovered {
+        // Where this run's own records begin after a crash: a bunker may hold records past it
+        // that this journal lost (a machine crash), so a later failback counts this node's
+        // changes from here when it is below the fork (`cmd::failback`, docs/FORMAT.md).
+        let at = opened.journal.next_lsn().0;
+        crate::io::Storage::write_file_atomic(opened.journal.storage(), RECOVERED_AT_FILE, &at.to_le_bytes())
+            .with_context(|| format!("writing {RECOVERED_AT_FILE} in {}", journal.display()))?;
+    }
     opened.journal.mark_open(boot).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ids = IdTable::from_snapshot(opened.ids.snapshot());
     let core = Arc::new(Core::new(opened.journal, tree, ids, CoreConfig::default())?);
