@@ -180,7 +180,7 @@ fn bunker_hooks(journal: &Arc<Journal<DirStorage>>, hub: Option<Arc<Hub<DirStora
     let (h1, h2, h3) = (hub.clone(), hub.clone(), hub);
     Hooks {
         targets_acked_below: Box::new(move || {
-            h1.links.iter().filter(|l| l.url != hub::PROMOTION_LINK).filter_map(|l| l.acked_below()).min()
+            h1.links.iter().filter(|l| l.url != hub::PROMOTION_LINK).filter_map(|l| l.bunker_floor()).min()
         }),
         fenced: Box::new(move || h2.fenced().map(|f| (f.epoch, f.fork_lsn, f.text))),
         on_fenced: Box::new(move |epoch, fork_lsn, text| {

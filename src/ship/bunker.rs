@@ -251,8 +251,9 @@ type DirIdentity = (u64, u64);
 
 /// What the link needs from the rest of the mount.
 pub struct Hooks {
-    /// Every target in ordered mode holds every record below this; `None` when no target is in
-    /// ordered mode (then the bunker's own acks make the watermark).
+    /// No target needs a record below this from the bunker (`hub::Link::bunker_floor`: what
+    /// ordered targets acked, where resyncing ones continue); `None` when no target is ordered
+    /// or resyncing (then the bunker's own acks make the watermark).
     pub targets_acked_below: Box<dyn Fn() -> Option<Lsn> + Send + Sync>,
     /// Set when this primary is already fenced (a target said so, or an earlier run recorded
     /// it): (epoch, fork LSN, the words for the operator).

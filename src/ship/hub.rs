@@ -87,6 +87,20 @@ impl Link {
         }
     }
 
+    /// What a bunker must keep for a zero-loss failover to this target: every record from
+    /// this LSN on. Ordered: what it acked. Resyncing: the LSN its log continues at once the
+    /// resync lands (`resume_from`, which the journal keeps too), not its acks, which it
+    /// ignores meanwhile; a bunker that freed records past it could no longer complete the
+    /// target after the resync. Fallen back: `None` (its next resync resumes past what is
+    /// written now).
+    pub fn bunker_floor(&self) -> Option<Lsn> {
+        match self.lock().map.mode() {
+            Mode::Ordered { acked_below } => Some(acked_below),
+            Mode::Resyncing { resume_from, .. } => Some(resume_from),
+            Mode::FallenBack => None,
+        }
+    }
+
     fn floor(&self) -> Lsn {
         let st = self.lock();
         let mode = match st.map.mode() {

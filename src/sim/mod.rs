@@ -2,6 +2,7 @@
 //! driven with no kernel, no disk and no sleeping.
 
 pub mod crash;
+pub mod failover;
 pub mod replication;
 pub mod storage;
 pub mod tree;
