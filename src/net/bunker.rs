@@ -35,7 +35,7 @@ use crate::journal::JournalGeometry;
 use crate::os::storage::DirStorage;
 use crate::proto::wire::control::ControlMsg;
 use crate::proto::wire::{
-    FRAME_BODY_MAX, FRAME_HEADER_LEN, Frame, FrameDecoder, FrameEncoder, Handshake, HandshakeConfig, Hello, Key, Role,
+    FRAME_BODY_MAX, FRAME_HEADER_LEN, Frame, FrameDecoder, FrameEncoder, HandshakeConfig, Hello, Key, Role,
 };
 use crate::replica::bunker::BunkerCore;
 use crate::status::bunker_node::{BunkerNodeStatus, PrimaryLink};
@@ -210,7 +210,7 @@ impl Bunker {
             nonce: nonce(),
             key: self.config.key.clone(),
         };
-        let (est, leftover) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, cfg))
+        let (est, leftover) = tokio::time::timeout(HANDSHAKE_TIMEOUT, super::target::handshake(&mut sock, cfg))
             .await
             .map_err(|_| "the handshake did not complete in time".to_string())??;
         let mut link = Link::new(sock, &leftover);
@@ -889,47 +889,6 @@ async fn blocking<R: Send + 'static, E: std::fmt::Display + Send + 'static>(
     f: impl FnOnce() -> Result<R, E> + Send + 'static,
 ) -> Result<R, String> {
     tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
-}
-
-/// The handshake on an accepted socket (as `net::target`'s): returns the outcome and the
-/// bytes read past it, which belong to the frame stream.
-async fn handshake(
-    sock: &mut TcpStream,
-    cfg: HandshakeConfig,
-) -> Result<(crate::proto::wire::Established, Vec<u8>), String> {
-    let mut hs = Handshake::new(cfg);
-    let mut buf = [0u8; 4096];
-    loop {
-        let out = hs.take_outgoing();
-        if !out.is_empty() {
-            sock.write_all(&out).await.map_err(|e| e.to_string())?;
-        }
-        if let Some(e) = hs.established() {
-            return Ok((*e, Vec::new()));
-        }
-        let n = sock.read(&mut buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("the peer closed the connection during the handshake".into());
-        }
-        let used = match hs.push(&buf[..n]) {
-            Ok(u) => u,
-            Err(e) => {
-                // Our proof may be queued: the peer learns its own reason from it.
-                let out = hs.take_outgoing();
-                if !out.is_empty() {
-                    let _ = sock.write_all(&out).await;
-                }
-                return Err(format!("handshake refused: {e}"));
-            }
-        };
-        if let Some(e) = hs.established().copied() {
-            let out = hs.take_outgoing();
-            if !out.is_empty() {
-                sock.write_all(&out).await.map_err(|e| e.to_string())?;
-            }
-            return Ok((e, buf[used..n].to_vec()));
-        }
-    }
 }
 
 fn now_unix() -> u64 {

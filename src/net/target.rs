@@ -451,7 +451,9 @@ async fn blocking<R: Send + 'static, E: std::fmt::Display + Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
 }
 
-async fn handshake(
+/// The async side of the handshake (targets and bunkers): the established peer and any
+/// bytes read past the handshake.
+pub(super) async fn handshake(
     sock: &mut TcpStream,
     cfg: HandshakeConfig,
 ) -> Result<(crate::proto::wire::Established, Vec<u8>), String> {
