@@ -108,6 +108,8 @@ pub trait Tree: Send + Sync + 'static {
     ) -> io::Result<()>;
     /// Applies the given attributes (size = truncate; times are absolute).
     fn set_attr(&self, node: &Self::Node, attr: &SetAttr) -> io::Result<()>;
+    /// The size in bytes of a regular file (what a truncate changes).
+    fn size(&self, node: &Self::Node) -> io::Result<u64>;
     /// Writes `data` at `offset` of a regular file.
     fn write(&self, node: &Self::Node, offset: u64, data: &[u8]) -> io::Result<()>;
     fn set_xattr(&self, node: &Self::Node, name: &[u8], value: &[u8], flags: u32) -> io::Result<()>;

@@ -152,3 +152,25 @@ fn failback_refuses_bad_directories_and_creates_nothing() {
     assert!(fs::read_dir(&state).unwrap().next().is_none(), "something was created in --state");
     assert!(!inside.exists());
 }
+
+#[test]
+fn a_target_left_mixed_by_a_resync_is_not_promoted_without_allow_mixed() {
+    let (_t, _m, bunker, mut target) = pair(None);
+    // The state a resync whose read ended at LSN 1,000,000 leaves (docs/FORMAT.md): the
+    // bunker cannot bring the target's log that far.
+    target.stop();
+    fs::write(target.state.join("resync-mixed-until"), b"1000000\n").unwrap();
+    target.restart();
+    let (ok, text) = run(&["failover", "--bunker", &bunker.url(), "--target", &target.url(), "--dry-run"]);
+    assert!(!ok && text.contains("--allow-mixed"), "a dry run did not say it would refuse: {text}");
+    let before = target_view(&bunker.url(), &target.url(), &["--allow-mixed"]);
+    assert!(before.contains("directory mixed by a resync until LSN 1000000"), "{before}");
+    let (ok, text) = run(&["failover", "--bunker", &bunker.url(), "--target", &target.url()]);
+    assert!(!ok, "a mixed directory was promoted: {text}");
+    assert!(text.contains("--allow-mixed") && text.contains("LSN 1000000") && text.contains("Nothing was changed"), "{text}");
+    assert_eq!(target_view(&bunker.url(), &target.url(), &["--allow-mixed"]), before, "the refusal changed something");
+    // The operator's override: promoted, and the record of the mix is gone with it.
+    let (ok, text) = run(&["failover", "--bunker", &bunker.url(), "--target", &target.url(), "--allow-mixed"]);
+    assert!(ok && text.contains("failover complete"), "{text}");
+    assert!(!target.state.join("resync-mixed-until").exists());
+}

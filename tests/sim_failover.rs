@@ -7,7 +7,9 @@
 //!
 //! Seeds: `FERRYFS_SIM_FAILOVER_SEEDS` (default 50) from `FERRYFS_SIM_SEED_BASE`;
 //! `FERRYFS_SEED=n` runs one; `FERRYFS_SIM_KEEP_GOING=1` runs on past a failing seed and lists
-//! them all; `FERRYFS_SIM_VERBOSE=1` prints each seed's counters. A failure prints the line that
+//! them all; `FERRYFS_SIM_VERBOSE=1` prints each seed's counters; `FERRYFS_SIM_DEBUG=1` prints
+//! the failover's view of both nodes; `FERRYFS_LOG=trace` adds each resync plan. A wrong
+//! promoted tree's message says which primary states each differing path matches. A failure prints the line that
 //! replays it exactly.
 
 use ferryfs::sim::failover::{FailoverConfig, FailoverStats, run_failover_seed};

@@ -14,7 +14,8 @@ use crate::os::storage::DirStorage;
 use crate::proto::wire::control::ControlMsg;
 use crate::proto::wire::{Frame, HandshakeConfig, Key, Role};
 use crate::replica::bunker::BunkerCore;
-use crate::replica::failover::{IncompleteScan, LogView, Plan, plan};
+use crate::proto::wire::MINOR_RESYNC_READ;
+use crate::replica::failover::{IncompleteScan, LogView, Overrides, Plan, plan};
 use crate::types::Lsn;
 
 /// How long a peer may stay silent (no frame, no heartbeat) during a failover.
@@ -29,8 +30,10 @@ const BLOCK_BYTES: usize = 1 << 20;
     about = "After the primary's loss: bring a mirror target up to date from the bunker and promote it",
     long_about = "Run by an operator once the primary is lost (claim 003:7). In order:\n\n\
 1. Asks the bunker and the target where their logs stand (epoch, oldest and next LSN) and refuses when \
-either still hears a live primary (--force overrides), when they belong to different replication sets, or \
-when the bunker no longer holds records the target lacks.\n\
+either still hears a live primary (--force overrides), when they belong to different replication sets, \
+when the bunker no longer holds records the target lacks, or when the target was being resynchronized and \
+the bunker cannot bring it past the point where the resync's read of the primary ended: until then its \
+directory is a mix of the primary's states, none of which the primary ever had (--allow-mixed overrides).\n\
 2. Fences both at a new epoch (the highest seen + 1), durably: from then on both refuse the old primary, \
 which learns at its next contact that it was failed over (it stops shipping; see `ferryfs failback`).\n\
 3. Copies every record the target lacks from the bunker, in blocks of up to 1 MiB. The target lands each \
@@ -70,6 +73,10 @@ pub struct FailoverArgs {
     /// Fail over even though the bunker or the target still hears a primary (it is fenced).
     #[arg(long)]
     pub force: bool,
+    /// Promote the target even though a resync left its directory mixed past what the bunker
+    /// holds (it then shows no state the primary ever had; see the refusal's text).
+    #[arg(long)]
+    pub allow_mixed: bool,
     /// Shared secret file, the same as the bunker's and the target's --key.
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
@@ -113,13 +120,14 @@ pub fn run(a: FailoverArgs) -> Result<()> {
         if b.primary_connected { ", a primary is CONNECTED" } else { "" }
     );
     eprintln!(
-        "target {}: epoch {}, log holds records below {}{}",
+        "target {}: epoch {}, log holds records below {}{}{}",
         a.target,
         t.epoch,
         t.next_lsn,
-        if t.promoted { ", promoted" } else { "" }
+        if t.promoted { ", promoted" } else { "" },
+        if t.mixed_until > 0 { format!(", directory mixed by a resync until LSN {}", t.mixed_until) } else { String::new() }
     );
-    let (from, bunker_next, end, epoch) = match plan(b, t, a.force).map_err(anyhow::Error::msg)? {
+    let (from, bunker_next, end, epoch) = match plan(b, t, Overrides { live_primary: a.force, mixed: a.allow_mixed }).map_err(anyhow::Error::msg)? {
         Plan::AlreadyDone { epoch, end_lsn } => {
             println!(
                 "already failed over: {} is the primary of epoch {epoch} and holds every record below LSN {end_lsn}; \
@@ -250,7 +258,7 @@ fn handshake_cfg(key: Option<Key>) -> HandshakeConfig {
 fn log_view(msg: ControlMsg, who: &str) -> Result<LogView> {
     match msg {
         ControlMsg::LogInfo { epoch, start_lsn, next_lsn, primary_connected, promoted, .. } => {
-            Ok(LogView { epoch, start_lsn, next_lsn, primary_connected, promoted })
+            Ok(LogView { epoch, start_lsn, next_lsn, primary_connected, promoted, mixed_until: 0 })
         }
         ControlMsg::Bye { reason } => bail!("{who} refused: {reason}"),
         other => bail!("{who} sent {other:?} instead of where its log stands"),
@@ -383,6 +391,7 @@ impl BunkerSide for DirBunker {
             next_lsn: l.next_lsn.0,
             primary_connected: false,
             promoted: false,
+            mixed_until: 0,
         }
     }
     fn fence(&mut self, epoch: u64) -> Result<()> {
@@ -422,13 +431,20 @@ impl TcpTarget {
         if est.peer.role != Role::Target {
             bail!("{addr} is a {}, not a mirror target", est.peer.role.name());
         }
-        let view = log_view(control(&mut reader, "the target")?, "the target")?;
+        let mut view = log_view(control(&mut reader, "the target")?, "the target")?;
+        if est.version.minor >= MINOR_RESYNC_READ {
+            match control(&mut reader, "the target")? {
+                ControlMsg::MixedUntil { lsn } => view.mixed_until = lsn,
+                other => bail!("the target sent {other:?} instead of whether its directory is mixed"),
+            }
+        }
         Ok(TcpTarget { reader, writer, set_id: est.peer.set_id, view, unacked: 0, acked: None })
     }
 
     fn fence(&mut self, epoch: u64) -> Result<()> {
         self.writer.send(&Frame::Control(ControlMsg::Fence { epoch }))?;
-        self.view = log_view(control(&mut self.reader, "the target")?, "the target")?;
+        let mixed_until = self.view.mixed_until;
+        self.view = LogView { mixed_until, ..log_view(control(&mut self.reader, "the target")?, "the target")? };
         if self.view.epoch < epoch {
             bail!("the target did not take the fence at epoch {epoch} (it says epoch {})", self.view.epoch);
         }

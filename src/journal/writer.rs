@@ -74,6 +74,9 @@ pub trait Mirror: Send + Sync {
     /// says to stop waiting (async mode; degraded after `--bunker-timeout`). An error fails
     /// the fsync (a policy that prefers failing to degrading).
     fn wait(&self, below: Lsn) -> Result<(), String>;
+    /// Whether `wait(below)` would return at once (without waiting, without degrading):
+    /// the mirror holds every record below `below`, or its mode or state asks no waiting.
+    fn holds(&self, below: Lsn) -> bool;
 }
 
 /// Pieces a record's payload may be given in (a write record: position, data).
@@ -589,6 +592,12 @@ impl<S: Storage> Journal<S> {
         let upto = self.sync_to(target)?;
         m.wait(target).map_err(JournalError::Mirror)?;
         Ok(upto)
+    }
+
+    /// Whether the mirror (if any) holds every record below `below` now, or would not be
+    /// waited for (`Mirror::holds`). True without a mirror.
+    pub fn mirror_holds(&self, below: Lsn) -> bool {
+        self.mirror.get().is_none_or(|m| m.holds(below))
     }
 
     /// Flushes everything written, even when no record was appended (a fresh segment header).

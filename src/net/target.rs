@@ -23,7 +23,7 @@ use crate::journal::JournalGeometry;
 use crate::os::storage::DirStorage;
 use crate::os::tree::OsTree;
 use crate::proto::wire::control::ControlMsg;
-use crate::proto::wire::{Frame, FrameDecoder, FrameEncoder, Handshake, HandshakeConfig, Key, Role};
+use crate::proto::wire::{Established, Frame, FrameDecoder, FrameEncoder, Handshake, HandshakeConfig, Key, Role};
 use crate::replica::target::{FrameHandler, TargetCore};
 
 /// A primary that sends nothing (not even a heartbeat) for this long is taken for gone.
@@ -161,7 +161,7 @@ impl Target {
             .map_err(|_| "the handshake did not complete in time".to_string())??;
         let mut out = Out { enc: FrameEncoder::new(), buf: Vec::new() };
         if est.peer.role == Role::FailoverTool {
-            return self.failover_session(&mut sock, &mut out, leftover, est.peer.set_id, peer).await;
+            return self.failover_session(&mut sock, &mut out, leftover, est, peer).await;
         }
         if est.peer.role != Role::Primary {
             out.bye(&mut sock, &format!("this is a mirror target; a {} cannot connect to it", est.peer.role.name()))
@@ -300,9 +300,10 @@ impl Target {
         sock: &mut TcpStream,
         out: &mut Out,
         leftover: Vec<u8>,
-        set_id: [u8; 16],
+        est: Established,
         peer: SocketAddr,
     ) -> Result<(), String> {
+        let set_id = est.peer.set_id;
         let core = match self.core() {
             // An all-zero set id: a tool asking which set this is (our hello says it).
             Some(c) if c.set_id() == set_id || set_id == [0; 16] => c,
@@ -323,6 +324,9 @@ impl Target {
         };
         eprintln!("ferryfs target: failover tool {peer} connected");
         out.send(sock, &Frame::Control(core.log_info(self.primary_connected()))).await?;
+        if est.version.minor >= crate::proto::wire::MINOR_RESYNC_READ {
+            out.send(sock, &Frame::Control(ControlMsg::MixedUntil { lsn: core.mixed_until() })).await?;
+        }
         let mut dec = FrameDecoder::new();
         dec.push(&leftover);
         let mut buf = vec![0u8; 1 << 20];
@@ -456,7 +460,7 @@ async fn blocking<R: Send + 'static, E: std::fmt::Display + Send + 'static>(
 pub(super) async fn handshake(
     sock: &mut TcpStream,
     cfg: HandshakeConfig,
-) -> Result<(crate::proto::wire::Established, Vec<u8>), String> {
+) -> Result<(Established, Vec<u8>), String> {
     let mut hs = Handshake::new(cfg);
     let mut buf = [0u8; 4096];
     loop {

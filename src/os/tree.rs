@@ -247,6 +247,10 @@ impl Tree for OsTree {
         Ok(read_dir(dir)?.into_iter().map(|(name, _, _)| name).collect())
     }
 
+    fn size(&self, node: &OsNode) -> io::Result<u64> {
+        Ok(stat(node)?.st_size as u64)
+    }
+
     fn kind(&self, node: &OsNode) -> io::Result<NodeKind> {
         kind_of_mode(stat(node)?.st_mode)
     }

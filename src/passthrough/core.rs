@@ -109,10 +109,19 @@ impl<S: Storage, T: Tree> Core<S, T> {
 
     /// Ends op `tx` with a commit, marking the sync maps in between.
     fn commit(&self, tx: TxId, op: &Op) -> R<()> {
+        self.commit_marking(tx, op, None)
+    }
+
+    /// `commit`, also marking `bytes` (file, offset, len) as changed: the bytes a truncate
+    /// destroyed, which the op's record does not name.
+    fn commit_marking(&self, tx: TxId, op: &Op, bytes: Option<(FileId, u64, u64)>) -> R<()> {
         let r = self.journal.append_commit(tx);
         if let Ok((lsn, time)) = &r {
             if let Some(m) = self.marks.get() {
                 m.op(*lsn, op);
+                if let Some((id, offset, len)) = bytes {
+                    m.write(*lsn, id, offset, len);
+                }
             }
             for id in op.mtime_ids() {
                 self.set_mtime(id, *time);
@@ -330,8 +339,15 @@ impl<S: Storage, T: Tree> Core<S, T> {
         let node = self.node(id)?;
         let _f = self.file_lock(id);
         let op = Op::SetAttr { id, attr: attr.clone() };
+        // A truncate destroys the bytes from the new size to the old one: a target that lacks
+        // the op must get them again even if the file grows back over them (as zeros or new
+        // data) before a resync. A size that cannot be read marks everything past the new one.
+        let destroyed = attr.size.and_then(|new| {
+            let old = self.tree.size(&node).unwrap_or(u64::MAX);
+            (old > new).then(|| (id, new, old - new))
+        });
         let (tx, ()) = self.transact(&op, || self.tree.set_attr(&node, attr))?;
-        self.commit(tx, &op)?;
+        self.commit_marking(tx, &op, destroyed)?;
         Ok(node)
     }
 

@@ -25,6 +25,19 @@ pub struct LogView {
     pub next_lsn: u64,
     pub primary_connected: bool,
     pub promoted: bool,
+    /// A target's `MixedUntil`: its directory shows a mix of states until its log holds
+    /// every record below this (a resync's read end); 0 when it shows one state.
+    pub mixed_until: u64,
+}
+
+/// Refusals an operator may override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Overrides {
+    /// `--force`: the bunker or the target still hears a primary; it is fenced anyway.
+    pub live_primary: bool,
+    /// `--allow-mixed`: promote a target whose directory a resync left mixed past the end
+    /// the bunker can bring it to.
+    pub mixed: bool,
 }
 
 /// What a failover will do.
@@ -38,11 +51,11 @@ pub enum Plan {
 }
 
 /// Decides the failover, or says why it must not happen.
-pub fn plan(bunker: LogView, target: LogView, force: bool) -> Result<Plan, String> {
+pub fn plan(bunker: LogView, target: LogView, allow: Overrides) -> Result<Plan, String> {
     if target.promoted && target.epoch >= bunker.epoch && target.next_lsn >= bunker.next_lsn {
         return Ok(Plan::AlreadyDone { epoch: target.epoch, end_lsn: target.next_lsn });
     }
-    if !force && (bunker.primary_connected || target.primary_connected) {
+    if !allow.live_primary && (bunker.primary_connected || target.primary_connected) {
         let who = if bunker.primary_connected { "the bunker" } else { "the target" };
         return Err(format!(
             "{who} is still connected to a live primary: failing over now would fork the data (two primaries). \
@@ -69,6 +82,16 @@ pub fn plan(bunker: LogView, target: LogView, force: bool) -> Result<Plan, Strin
     }
     let epoch = bunker.epoch.max(target.epoch) + 1;
     let end = bunker.next_lsn.max(target.next_lsn);
+    if target.mixed_until > end && !allow.mixed {
+        return Err(format!(
+            "the target was being resynchronized when the primary was lost: its directory shows a mix of the \
+             primary's states until its log holds every record below LSN {}, and the bunker holds records only \
+             below {end}. Promoting it would expose a directory the primary never had. Nothing was changed. Bring \
+             the old primary back and let the resync finish if you can; --allow-mixed promotes it anyway (files \
+             changed at or after LSN {end} may then hold newer or partly newer contents)",
+            target.mixed_until
+        ));
+    }
     Ok(Plan::Move { from, bunker_next: bunker.next_lsn, end, epoch })
 }
 
@@ -121,38 +144,57 @@ impl IncompleteScan {
 mod tests {
     use super::*;
 
+    const NONE: Overrides = Overrides { live_primary: false, mixed: false };
+    const FORCE: Overrides = Overrides { live_primary: true, mixed: false };
+
     fn view(epoch: u64, start: u64, next: u64) -> LogView {
         LogView { epoch, start_lsn: start, next_lsn: next, ..Default::default() }
     }
 
     #[test]
     fn moves_what_the_target_lacks_at_a_higher_epoch() {
-        let p = plan(view(0, 100, 500), view(0, 1, 300), false).unwrap();
+        let p = plan(view(0, 100, 500), view(0, 1, 300), NONE).unwrap();
         assert_eq!(p, Plan::Move { from: 300, bunker_next: 500, end: 500, epoch: 1 });
     }
 
     #[test]
     fn a_target_ahead_of_the_bunker_keeps_its_end() {
-        let p = plan(view(0, 100, 500), view(0, 1, 700), false).unwrap();
+        let p = plan(view(0, 100, 500), view(0, 1, 700), NONE).unwrap();
         assert_eq!(p, Plan::Move { from: 700, bunker_next: 500, end: 700, epoch: 1 });
     }
 
     #[test]
     fn refuses_a_gap_and_a_live_primary() {
-        let gap = plan(view(0, 400, 500), view(0, 1, 300), false).unwrap_err();
+        let gap = plan(view(0, 400, 500), view(0, 1, 300), NONE).unwrap_err();
         assert!(gap.contains("not possible"), "{gap}");
-        let live = plan(LogView { primary_connected: true, ..view(0, 1, 500) }, view(0, 1, 300), false).unwrap_err();
+        let live = plan(LogView { primary_connected: true, ..view(0, 1, 500) }, view(0, 1, 300), NONE).unwrap_err();
         assert!(live.contains("--force"), "{live}");
-        assert!(plan(LogView { primary_connected: true, ..view(0, 1, 500) }, view(0, 1, 300), true).is_ok());
+        assert!(plan(LogView { primary_connected: true, ..view(0, 1, 500) }, view(0, 1, 300), FORCE).is_ok());
     }
 
     #[test]
     fn a_second_run_is_harmless() {
         // After a complete run: bunker fenced at 1, target promoted at 1 holding everything.
-        let done = plan(view(1, 1, 500), LogView { promoted: true, ..view(1, 1, 500) }, false).unwrap();
+        let done = plan(view(1, 1, 500), LogView { promoted: true, ..view(1, 1, 500) }, NONE).unwrap();
         assert_eq!(done, Plan::AlreadyDone { epoch: 1, end_lsn: 500 });
         // After a run cut off between the fences and the promotion: it goes on, epoch higher.
-        let again = plan(view(1, 1, 500), view(1, 1, 420), false).unwrap();
+        let again = plan(view(1, 1, 500), view(1, 1, 420), NONE).unwrap();
         assert_eq!(again, Plan::Move { from: 420, bunker_next: 500, end: 500, epoch: 2 });
+    }
+
+    #[test]
+    fn refuses_to_promote_a_mix_unless_allowed() {
+        // The resync's read ended at 520; the bunker can bring the target only below 500.
+        let mixed = LogView { mixed_until: 520, ..view(0, 1, 300) };
+        let why = plan(view(0, 100, 500), mixed, NONE).unwrap_err();
+        assert!(why.contains("LSN 520") && why.contains("--allow-mixed"), "{why}");
+        let allowed = Overrides { mixed: true, ..NONE };
+        assert_eq!(
+            plan(view(0, 100, 500), mixed, allowed).unwrap(),
+            Plan::Move { from: 300, bunker_next: 500, end: 500, epoch: 1 }
+        );
+        // A bunker holding the records up to the read end: nothing mixed is promoted.
+        assert!(plan(view(0, 100, 520), mixed, NONE).is_ok());
+        assert!(plan(view(0, 100, 519), mixed, NONE).is_err());
     }
 }

@@ -53,6 +53,10 @@ const FAILOVER_STAGING_FILE: &str = "failover-staging";
 pub const FAILBACK_FILE: &str = "failback";
 const STAGING_FILE: &str = "resync-staging";
 const PENDING_FILE: &str = "resync-pending";
+/// After a resync is staged: the LSN its read of the primary's tree ended at (text, one
+/// decimal number and a newline). The directory shows a mix of states until the log holds
+/// every record below it (docs/FORMAT.md, "Target state").
+pub const MIXED_FILE: &str = "resync-mixed-until";
 /// Records applied per step before the lock is let go.
 const APPLY_BATCH_BYTES: usize = 4 << 20;
 
@@ -121,6 +125,8 @@ struct ApplyState {
 struct Staging {
     plan: u64,
     resume: u64,
+    /// The primary's read end (`ResyncRead`), once told.
+    read_end: Option<u64>,
     out: BufWriter<File>,
 }
 
@@ -135,6 +141,8 @@ pub struct TargetCore<S: Storage, T: Tree> {
     /// An old primary failing back: the locations it changed from a fork LSN on.
     failback_source: Mutex<Option<FailbackSource>>,
     checkpoint_lock: Mutex<()>,
+    /// A staged resync's read end (`MIXED_FILE`); 0 when none is outstanding.
+    mixed_until: AtomicU64,
 }
 
 /// Computes an old primary's own changes from a fork LSN on (`ferryfs failback`).
@@ -201,6 +209,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             pos: crate::journal::Position { seq: sb.start_seq, offset: sb.start_offset },
             next: sb.start_lsn,
         };
+        let mixed_until = read_mixed_until(state_dir)?;
         Ok(TargetCore {
             journal: Arc::new(journal),
             applier,
@@ -218,6 +227,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             counters: TargetCounters::default(),
             failback_source: Mutex::new(None),
             checkpoint_lock: Mutex::new(()),
+            mixed_until: AtomicU64::new(mixed_until),
         })
     }
 
@@ -383,12 +393,23 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             st.limit = st.limit.max(end_lsn);
             self.apply_upto(&mut st, end_lsn)?;
         }
+        let mixed = self.mixed_until();
+        if mixed > end_lsn.0 {
+            tracing::warn!(
+                "promoting with records below LSN {} although a resync left this directory mixed until LSN {mixed}: \
+                 it may hold changes the promoted log does not (forced by the failover)",
+                end_lsn.0
+            );
+        }
         self.checkpoint()?;
         let promotion = Promotion { epoch, fork_lsn: end_lsn.0 };
         self.journal
             .storage()
             .write_file_atomic(PROMOTION_FILE, &promotion.encode())
             .map_err(io_err("writing the promotion record"))?;
+        // Whatever the resync left is what the new primary's history starts from.
+        remove_if_present(&self.state_dir.join(MIXED_FILE)).map_err(io_err("removing resync-mixed-until"))?;
+        self.mixed_until.store(0, Ordering::Release);
         let (dev, ino, path) = backing;
         self.journal.set_backing(dev, ino, path)?;
         self.fence(epoch)?;
@@ -551,7 +572,21 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             .write_file_atomic(IDS_FILE, &snap.encode())
             .map_err(io_err("writing the target's id table"))?;
         self.journal.checkpoint()?;
+        let mixed = self.mixed_until.load(Ordering::Acquire);
+        if mixed != 0 && self.journal.durable_lsn().0 >= mixed {
+            remove_if_present(&self.state_dir.join(MIXED_FILE)).map_err(io_err("removing resync-mixed-until"))?;
+            let _ = self.mixed_until.compare_exchange(mixed, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
         Ok(())
+    }
+
+    /// Where this target's directory stops showing a mix of states (design §3, "A resync's
+    /// read end"): the read end of the last resync, while its log does not yet hold every
+    /// record below it; else 0. A promotion must reach at least this LSN, or its directory
+    /// is no state the primary ever had.
+    pub fn mixed_until(&self) -> u64 {
+        let mixed = self.mixed_until.load(Ordering::Acquire);
+        if mixed != 0 && self.journal.durable_lsn().0 < mixed { mixed } else { 0 }
     }
 
     // ----- resync ------------------------------------------------------------------------
@@ -572,7 +607,24 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             .truncate(true)
             .open(&path)
             .map_err(io_err(format!("creating {}", path.display())))?;
-        *staging = Some(Staging { plan, resume, out: BufWriter::with_capacity(1 << 20, f) });
+        *staging = Some(Staging { plan, resume, read_end: None, out: BufWriter::with_capacity(1 << 20, f) });
+        Ok(())
+    }
+
+    /// The primary's read end for the resync being staged (`ControlMsg::ResyncRead`).
+    pub fn resync_read(&self, plan: u64, read_end: u64) -> Result<(), TargetError> {
+        let mut g = self.staging.lock().unwrap();
+        let s = g.as_mut().ok_or_else(|| TargetError::Protocol("ResyncRead without a ResyncBegin".into()))?;
+        if s.plan != plan {
+            return Err(TargetError::Protocol(format!("ResyncRead for plan {plan}, staging holds plan {}", s.plan)));
+        }
+        if read_end < s.resume {
+            return Err(TargetError::Protocol(format!(
+                "ResyncRead says the read ended at LSN {read_end}, before the resync's resume LSN {}",
+                s.resume
+            )));
+        }
+        s.read_end = Some(read_end);
         Ok(())
     }
 
@@ -604,6 +656,14 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             .into_inner()
             .map_err(|e| TargetError::Io { what: "flushing the staging file".into(), source: e.into_error() })?;
         f.sync_all().map_err(io_err("syncing the staging file"))?;
+        // Durable before the apply mixes the directory. A primary older than 1.2 does not
+        // say where its read ended: then nothing is known (docs/PROTOCOL.md).
+        let mixed_path = self.state_dir.join(MIXED_FILE);
+        match s.read_end {
+            Some(end) => write_atomic(&mixed_path, format!("{end}\n").as_bytes())?,
+            None => remove_if_present(&mixed_path).map_err(io_err("removing resync-mixed-until"))?,
+        }
+        self.mixed_until.store(s.read_end.unwrap_or(0), Ordering::Release);
         let pending = format!("{} {}\n", s.plan, s.resume);
         write_atomic(&self.state_dir.join(PENDING_FILE), pending.as_bytes())?;
         self.apply_staged()
@@ -893,6 +953,10 @@ impl FrameHandler {
                 core.resync_item(&StagedItem::Node(node)).map_err(e)?;
                 Ok(None)
             }
+            ControlMsg::ResyncRead { plan, read_end_lsn } => {
+                core.resync_read(plan, read_end_lsn).map_err(e)?;
+                Ok(None)
+            }
             ControlMsg::ResyncEnd { plan } => {
                 core.resync_end(plan).map_err(e)?;
                 Ok(Some(ControlMsg::ResyncDone { plan }))
@@ -981,6 +1045,29 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TargetError> {
     Ok(())
 }
 
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The read end a staged resync left (`MIXED_FILE`), 0 when there is none.
+fn read_mixed_until(state_dir: &Path) -> Result<u64, TargetError> {
+    let path = state_dir.join(MIXED_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            TargetError::Protocol(format!(
+                "{} is damaged ({text:?}, expected one LSN): it records where a resync left this directory \
+                 mixed; remove it only if the target's log holds every record below that LSN",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+    }
+}
+
 /// A directory's entries waiting for the directory to exist.
 type DeferredEntries = (FileId, Vec<(Vec<u8>, NodeDesc)>);
 
@@ -1064,5 +1151,87 @@ mod tests {
         t.resync_begin(2, 1).unwrap();
         t.resync_end(2).expect("the staging holds plan 2's items only (none), nothing of plan 1");
         assert!(!state.path().join(PENDING_FILE).exists());
+    }
+
+    /// A primary's journal holding `n` write records (LSN 1..=n) and those records' bytes.
+    fn primary_records(n: usize) -> Vec<u8> {
+        let sb = Superblock::new([7; 16], 0, 0, Vec::new(), [0; 16]);
+        let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+        let j = Journal::create(SimStorage::new(), g, sb).unwrap();
+        for i in 0..n {
+            let tx = j.append_write(FileId(100), i as u64 * 512, &[i as u8; 512]).unwrap();
+            j.done(tx);
+        }
+        let mut cur = j.cursor_at(Lsn(1)).unwrap();
+        let mut out = Vec::new();
+        j.read_records(&mut cur, j.next_lsn(), usize::MAX, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_resync_read_end_marks_the_directory_mixed_until_the_log_holds_it() {
+        let state = tempfile::tempdir().unwrap();
+        let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+        let storage = SimStorage::new();
+        let t = TargetCore::create(storage.clone(), g, [7; 16], SimTree::new(), state.path()).unwrap();
+        assert_eq!(t.mixed_until(), 0);
+        t.resync_begin(1, 1).unwrap();
+        // A read end before the resume point is nonsense: refused, the staging goes on.
+        assert!(t.resync_read(1, 0).is_err());
+        assert!(t.resync_read(2, 6).is_err(), "another plan's read end");
+        t.resync_read(1, 6).unwrap();
+        t.resync_end(1).unwrap();
+        assert_eq!(t.mixed_until(), 6);
+        assert_eq!(fs::read_to_string(state.path().join(MIXED_FILE)).unwrap(), "6\n");
+        // Durable across a restart.
+        drop(t);
+        let t = TargetCore::open(storage.clone(), SimTree::new(), state.path()).unwrap();
+        assert_eq!(t.mixed_until(), 6);
+        // The log holds records 1..=4: still mixed; a checkpoint keeps the file.
+        let records = primary_records(5);
+        let four = {
+            let mut at = 0;
+            for _ in 0..4 {
+                let h = record::decode_header(&records[at..], records.len() - at).unwrap();
+                at += record::record_len(h.payload_len as usize);
+            }
+            at
+        };
+        t.receive(&records[..four]).unwrap();
+        t.checkpoint().unwrap();
+        assert_eq!(t.mixed_until(), 6);
+        assert!(state.path().join(MIXED_FILE).exists());
+        // Record 5 arrives: every record below 6 is held; the file goes at the checkpoint.
+        t.receive(&records[four..]).unwrap();
+        assert_eq!(t.mixed_until(), 0);
+        t.checkpoint().unwrap();
+        assert!(!state.path().join(MIXED_FILE).exists());
+    }
+
+    #[test]
+    fn a_damaged_mixed_until_record_stops_the_target_naming_the_file() {
+        let state = tempfile::tempdir().unwrap();
+        let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+        let storage = SimStorage::new();
+        drop(TargetCore::create(storage.clone(), g, [7; 16], SimTree::new(), state.path()).unwrap());
+        fs::write(state.path().join(MIXED_FILE), b"twelve\n").unwrap();
+        let err = TargetCore::open(storage, SimTree::new(), state.path()).err().expect("refused");
+        assert!(err.to_string().contains(MIXED_FILE), "{err}");
+    }
+
+    #[test]
+    fn a_resync_without_a_read_end_clears_an_old_one() {
+        // A 1.1 primary sends no ResyncRead: nothing is known, and an old record would lie.
+        let state = tempfile::tempdir().unwrap();
+        let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+        let t = TargetCore::create(SimStorage::new(), g, [7; 16], SimTree::new(), state.path()).unwrap();
+        t.resync_begin(1, 1).unwrap();
+        t.resync_read(1, 9).unwrap();
+        t.resync_end(1).unwrap();
+        assert_eq!(t.mixed_until(), 9);
+        t.resync_begin(2, 1).unwrap();
+        t.resync_end(2).unwrap();
+        assert_eq!(t.mixed_until(), 0);
+        assert!(!state.path().join(MIXED_FILE).exists());
     }
 }

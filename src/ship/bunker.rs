@@ -813,6 +813,14 @@ impl<S: Storage> Mirror for BunkerLink<S> {
         self.poke();
     }
 
+    fn holds(&self, below: Lsn) -> bool {
+        if self.config.mode == Mode::Async {
+            return true;
+        }
+        let g = self.lock();
+        g.fenced.is_some() || g.degraded.is_some() || g.acked_below >= below
+    }
+
     fn wait(&self, below: Lsn) -> Result<(), String> {
         if self.config.mode == Mode::Async {
             return Ok(());

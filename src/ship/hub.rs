@@ -239,6 +239,14 @@ fn mark_record(map: &mut SyncMap, lsn: Lsn, kind: Kind, payload: &[u8]) {
         Kind::Op => {
             if let Ok(op) = Op::decode(payload) {
                 mark_op(map, lsn, &op);
+                // A truncate destroyed the bytes past its new size, and its record does not
+                // say how many (the live path marks them exactly, from the size before it):
+                // everything past it is marked; a resync stops at the file's end.
+                if let Op::SetAttr { id, attr } = &op
+                    && let Some(size) = attr.size
+                {
+                    map.mark_write(lsn, *id, size, u64::MAX - size);
+                }
             }
         }
         _ => {}
@@ -452,5 +460,75 @@ impl<S: Storage> Retention for Hub<S> {
                 link.wake.notify_all();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::ops::{NodeKind, SetAttr};
+    use crate::io::NewNode;
+    use crate::journal::{JournalGeometry, recovery};
+    use crate::passthrough::{Core, CoreConfig, IdTable};
+    use crate::sim::storage::SimStorage;
+    use crate::sim::tree::SimTree;
+    use crate::syncmap::BlockRange;
+
+    /// A primary over a simulated tree whose one target is in sync, with a file `f` of
+    /// 10,000 bytes the target already holds.
+    fn primary() -> (Core<SimStorage, SimTree>, Arc<Hub<SimStorage>>, FileId) {
+        let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+        let opened = recovery::create(SimStorage::new(), g, crate::sim::crash::new_superblock()).unwrap();
+        let core = Core::new(
+            opened.journal,
+            SimTree::new(),
+            IdTable::from_snapshot(opened.ids.snapshot()),
+            CoreConfig::default(),
+        )
+        .unwrap();
+        let hub = Hub::new(core.journal.clone(), vec![("tcp://t:1".into(), Lsn(0), SyncMap::new_in_sync(Lsn(1)))]);
+        core.set_marks(hub.clone());
+        let new = NewNode { kind: NodeKind::File, mode: 0o644, uid: 0, gid: 0, rdev: 0, target: b"" };
+        let (id, _) = core.create(FileId::ROOT, b"f", &new).unwrap();
+        core.write_via_tree(id, 0, &[7; 10_000]).unwrap();
+        hub.links[0].lock().map.ack(Lsn(core.journal.next_lsn().0 - 1));
+        assert!(hub.links[0].lock().map.is_clean());
+        (core, hub, id)
+    }
+
+    #[test]
+    fn a_truncate_marks_the_bytes_it_destroyed() {
+        // Found by the failover simulation (seed 839): a file cut to 743 bytes and grown back
+        // kept the target's old bytes 743..3706, because only its attributes were marked.
+        let (core, hub, id) = primary();
+        core.set_attr(id, &SetAttr { size: Some(743), ..Default::default() }).unwrap();
+        let map = &hub.links[0].lock().map;
+        assert!(map.is_attr_dirty(id));
+        // Bytes 743..10,000: blocks 0 (from byte 743) to 2.
+        assert_eq!(map.dirty_ranges(id), vec![BlockRange::new(0, 2)]);
+    }
+
+    #[test]
+    fn a_truncate_that_grows_marks_only_attributes() {
+        let (core, hub, id) = primary();
+        core.set_attr(id, &SetAttr { size: Some(20_000), ..Default::default() }).unwrap();
+        let map = &hub.links[0].lock().map;
+        assert!(map.is_attr_dirty(id));
+        assert!(map.dirty_ranges(id).is_empty(), "{:?}", map.dirty_ranges(id));
+    }
+
+    #[test]
+    fn a_truncate_remarked_from_the_journal_marks_everything_past_its_size() {
+        // After a crash the maps are re-derived from records, which do not hold the old size.
+        let (core, _hub, id) = primary();
+        let from = core.journal.next_lsn();
+        core.set_attr(id, &SetAttr { size: Some(5000), ..Default::default() }).unwrap();
+        core.journal.sync().unwrap();
+        let mut maps = vec![(from, SyncMap::new_in_sync(from))];
+        remark_from_journal(core.journal.storage(), &mut maps).unwrap();
+        let ranges = maps[0].1.dirty_ranges(id);
+        assert_eq!(ranges.len(), 1, "{ranges:?}");
+        assert_eq!(ranges[0].first, 1, "from the block holding byte 5000");
+        assert!(ranges[0].last >= u64::MAX / crate::limits::BLOCK_SIZE - 1, "{ranges:?}");
     }
 }

@@ -34,6 +34,10 @@ pub trait Session: Send {
     fn send_records(&mut self, records: &[u8]) -> Result<(), String>;
     /// The next event, waiting at most `wait`; `None` when there is none yet.
     fn event(&mut self, wait: Duration) -> Option<Event>;
+    /// The protocol minor both sides speak (a target in this process speaks ours).
+    fn minor(&self) -> u16 {
+        crate::proto::wire::PROTOCOL_VERSION.minor
+    }
 }
 
 /// Opens sessions to one target.
@@ -147,7 +151,7 @@ impl Connector for TcpConnector {
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Box::new(TcpSession { writer, events: rx, position }))
+        Ok(Box::new(TcpSession { writer, events: rx, position, minor: est.version.minor }))
     }
 }
 
@@ -168,11 +172,15 @@ struct TcpSession {
     writer: Writer,
     events: Receiver<Event>,
     position: TargetPosition,
+    minor: u16,
 }
 
 impl Session for TcpSession {
     fn position(&self) -> TargetPosition {
         self.position
+    }
+    fn minor(&self) -> u16 {
+        self.minor
     }
     fn send(&mut self, frame: &Frame) -> Result<(), String> {
         self.writer.send(frame).map_err(|e| e.to_string())

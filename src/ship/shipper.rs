@@ -24,7 +24,7 @@ use super::source::Source;
 use crate::format::ops::NodeKind;
 use crate::io::Storage;
 use crate::journal::{CursorError, LogCursor};
-use crate::proto::wire::Frame;
+use crate::proto::wire::{Frame, MINOR_RESYNC_READ};
 use crate::proto::wire::control::{ControlMsg, NodeDesc};
 use crate::syncmap::{Mode, ResyncPlan};
 use crate::types::{FileId, Lsn};
@@ -38,6 +38,8 @@ pub const RESYNC_CHUNK: usize = 1 << 20;
 /// How often the shipper makes the journal durable itself when it has records to send.
 const SYNC_EVERY: Duration = Duration::from_millis(10);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long a resync's end waits for the bunker to hold the records up to its read end.
+const MIRROR_WAIT_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Settled notices remembered until the records they need are sent (a bound on memory; a
@@ -192,12 +194,20 @@ impl<S: Storage> Shipper<S> {
             plan.block_count(),
             plan.resume_from.0
         );
+        tracing::trace!("target {}: resync {} at {:?}: {:?}", self.link.url, plan.id.0, s.position(), plan.files);
         s.send(&Frame::Control(ControlMsg::ResyncBegin {
             plan: plan.id.0,
             resume_lsn: plan.resume_from.0,
             full: plan.full,
         }))?;
         self.send_plan(s, &plan)?;
+        // Every change the read saw was journaled first (write-ahead): its record lies below
+        // this LSN. Until the target's log is applied up to here, its directory shows a mix.
+        let read_end = journal.next_lsn();
+        self.await_mirror(s, read_end)?;
+        if s.minor() >= MINOR_RESYNC_READ {
+            s.send(&Frame::Control(ControlMsg::ResyncRead { plan: plan.id.0, read_end_lsn: read_end.0 }))?;
+        }
         s.send(&Frame::Control(ControlMsg::ResyncEnd { plan: plan.id.0 }))?;
         self.await_resync_done(s, plan.id.0)?;
         {
@@ -264,6 +274,37 @@ impl<S: Storage> Shipper<S> {
             st.map = map;
         }
         self.resync(s)
+    }
+
+    /// Before a resync ends (design §3, "A resync's read end"): waits until the bunker, if
+    /// any, holds every record below `read_end`, so a failover after the primary's loss can
+    /// always bring the target past the mix the resync leaves until then. Gives up after
+    /// `MIRROR_WAIT_MAX` (the bunker away): the target then knows its directory is mixed
+    /// until `read_end` (`ResyncRead`), and a failover says so instead of promoting a mix.
+    fn await_mirror(&self, s: &mut dyn Session, read_end: Lsn) -> Result<(), String> {
+        let journal = self.hub.journal();
+        let (started, mut last_beat) = (Instant::now(), Instant::now());
+        while !journal.mirror_holds(read_end) {
+            if self.stop.load(Ordering::Acquire) {
+                return Err("stopping".into());
+            }
+            if started.elapsed() > MIRROR_WAIT_MAX {
+                tracing::warn!(
+                    "target {}: the resync read the tree up to LSN {}, and the bunker has not acknowledged the                      records up to there within {MIRROR_WAIT_MAX:?}; the resync ends anyway (until the target                      applies them, a failover from the bunker would have to be forced)",
+                    self.link.url,
+                    read_end.0
+                );
+                return Ok(());
+            }
+            if let Some(Event::Closed(why)) = s.event(Duration::from_millis(20)) {
+                return Err(why);
+            }
+            if last_beat.elapsed() >= self.timing.heartbeat_every {
+                s.send(&Frame::Heartbeat)?;
+                last_beat = Instant::now();
+            }
+        }
+        Ok(())
     }
 
     fn await_resync_done(&self, s: &mut dyn Session, plan: u64) -> Result<(), String> {

@@ -87,7 +87,7 @@ use crate::passthrough::{Core, CoreConfig, Errno, IdTable};
 use crate::proto::wire::control::{ControlMsg, NodeDesc};
 use crate::proto::wire::{Frame, FrameDecoder, FrameEncoder, split_records};
 use crate::replica::bunker::BunkerCore;
-use crate::replica::failover::{IncompleteScan, LogView, Plan, plan};
+use crate::replica::failover::{IncompleteScan, LogView, Overrides, Plan, plan};
 use crate::replica::target::{FrameHandler, TargetCore, TargetPosition};
 use crate::ship::bunker::{
     BunkerConfig, BunkerConnector, BunkerEvent, BunkerLink, BunkerPosition, BunkerSession, Hooks, LinkError, Mode,
@@ -213,6 +213,9 @@ pub struct FailoverStats {
     pub refused_target_overflow: u64,
     /// Refused because the target had not landed a resync it owed (its initial copy, say).
     pub refused_resync_owed: u64,
+    /// Refused because a resync left the target's directory mixed past what the bunker held
+    /// (the bunker link was degraded when the primary died).
+    pub refused_mixed: u64,
 }
 
 impl FailoverStats {
@@ -236,6 +239,7 @@ impl FailoverStats {
         self.refused_overflow += o.refused_overflow;
         self.refused_target_overflow += o.refused_target_overflow;
         self.refused_resync_owed += o.refused_resync_owed;
+        self.refused_mixed += o.refused_mixed;
     }
 }
 
@@ -296,6 +300,32 @@ struct Model {
 }
 
 impl Model {
+    /// For each path where `have` differs from `want`: the primary states whose version of
+    /// it `have` matches, and how each version of it on the primary differs from `have`
+    /// (lengths and first/last differing byte): where a wrong tree's content came from.
+    fn history_of_differences(&self, want: &Listing, have: &Listing) -> String {
+        let mut out = String::new();
+        for (path, v) in have.iter().filter(|(p, v)| want.get(*p) != Some(*v)) {
+            let same: Vec<u64> = self.states.iter().filter(|(_, l)| l.get(path) == Some(v)).map(|(l, _)| *l).collect();
+            out += &format!("\n  {path}: the target's version is the primary's below LSNs {same:?}; the primary's versions:");
+            let mut prev: Option<&Vec<u8>> = None;
+            for (lsn, l) in &self.states {
+                let Some((_, bytes)) = l.get(path) else { continue };
+                if prev == Some(bytes) {
+                    continue;
+                }
+                prev = Some(bytes);
+                let first = bytes.iter().zip(&v.1).position(|(x, y)| x != y);
+                let last = bytes.iter().zip(&v.1).rposition(|(x, y)| x != y);
+                out += &format!(
+                    "\n    below LSN {lsn}: {} bytes, differs from the target's at bytes {first:?}..={last:?}",
+                    bytes.len()
+                );
+            }
+        }
+        out
+    }
+
     /// Reads the records appended since the last call (before a checkpoint could let them go).
     fn note_records(&mut self, primary: &Primary) -> Result<(), String> {
         let next = primary.journal.next_lsn();
@@ -366,6 +396,8 @@ struct World {
     set_id: [u8; 16],
     /// The target's sync map mode when the primary crashed.
     target_mode: Option<MapMode>,
+    /// Whether the bunker link was degraded to async when the primary crashed.
+    link_degraded: bool,
     model: Model,
     bunker: BunkerNode,
     target: TargetNode,
@@ -1159,7 +1191,7 @@ fn fault_bytes(w: &mut World, q: &mut VecDeque<u8>, drop_permille: u32, dup_perm
 fn log_view(msg: ControlMsg) -> Result<LogView, String> {
     match msg {
         ControlMsg::LogInfo { epoch, start_lsn, next_lsn, primary_connected, promoted, .. } => {
-            Ok(LogView { epoch, start_lsn, next_lsn, primary_connected, promoted })
+            Ok(LogView { epoch, start_lsn, next_lsn, primary_connected, promoted, mixed_until: 0 })
         }
         other => Err(format!("{other:?} instead of a LogInfo")),
     }
@@ -1195,8 +1227,11 @@ fn run_failover(
         return Err("the bunker and the target belong to different replication sets".into());
     }
     let b = log_view(bunker.log_info(false))?;
-    let t = log_view(target.log_info(false))?;
-    let (from, bunker_next, end, epoch) = match plan(b, t, false) {
+    let t = LogView { mixed_until: target.mixed_until(), ..log_view(target.log_info(false))? };
+    if std::env::var_os("FERRYFS_SIM_DEBUG").is_some() {
+        eprintln!("DEBUG failover: bunker {b:?} target {t:?} target pos {:?}", target.position());
+    }
+    let (from, bunker_next, end, epoch) = match plan(b, t, Overrides::default()) {
         Err(why) => return Ok(Outcome::Refused(why)),
         Ok(Plan::AlreadyDone { epoch, end_lsn }) => return Ok(Outcome::AlreadyDone { epoch, end_lsn }),
         Ok(Plan::Move { from, bunker_next, end, epoch }) => (from, bunker_next, end, epoch),
@@ -1330,8 +1365,9 @@ impl Sim {
                 None => "it is the primary's tree at no point".to_string(),
             };
             return Err(format!(
-                "the promoted tree is not the primary's journal applied below LSN {end} ({other}): {}",
-                listing_diff(last, &have)
+                "the promoted tree is not the primary's journal applied below LSN {end} ({other}): {}{}",
+                listing_diff(last, &have),
+                w.model.history_of_differences(last, &have)
             ));
         }
         Ok(cut)
@@ -1339,6 +1375,18 @@ impl Sim {
 
     /// A gap passes only when a journal overflow explains it (module docs).
     fn judge_refusal(&self, w: &mut World, why: &str, overflow: Option<String>) -> Result<(), String> {
+        if why.contains("--allow-mixed") {
+            // The primary ends a resync only once the bunker holds the records up to its read
+            // end, unless the link is degraded (async): only then may the bunker lack them.
+            if w.link_degraded {
+                w.stats.refused_mixed += 1;
+                return Ok(());
+            }
+            return Err(format!(
+                "the failover was refused for a resync's mixed directory though the bunker link was in sync mode: \
+                 {why}"
+            ));
+        }
         if !why.contains("not possible") {
             return Err(format!("the failover was refused: {why}"));
         }
@@ -1456,6 +1504,9 @@ impl Tree for TurnTree {
     }
     fn read_dir(&self, dir: &SimNode) -> io::Result<Vec<Vec<u8>>> {
         self.sim.read_dir(dir)
+    }
+    fn size(&self, node: &SimNode) -> io::Result<u64> {
+        self.sim.size(node)
     }
     fn kind(&self, node: &SimNode) -> io::Result<NodeKind> {
         self.sim.kind(node)
@@ -1696,6 +1747,7 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
         primary: primary.clone(),
         set_id,
         target_mode: None,
+        link_degraded: false,
         model,
         bunker: BunkerNode { storage: SimStorage::new(), core: None, down: 0, cut: 0, generation: 0 },
         target: TargetNode {
@@ -1757,6 +1809,7 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
     let overflow = snap.last_error.filter(|e| e.contains("overflowed"));
     let mut w = sim.lock();
     w.target_mode = Some(hub.links[0].lock().map.mode());
+    w.link_degraded = snap.degraded.is_some();
     if overflow.is_some() {
         w.stats.overflows += 1;
     }

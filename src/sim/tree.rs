@@ -388,6 +388,10 @@ impl Tree for SimTree {
         Ok(self.s.lock().unwrap().current.dir(dir)?.entries.keys().cloned().collect())
     }
 
+    fn size(&self, node: &SimNode) -> io::Result<u64> {
+        Ok(self.s.lock().unwrap().current.get(node)?.data.len() as u64)
+    }
+
     fn kind(&self, node: &SimNode) -> io::Result<NodeKind> {
         Ok(self.s.lock().unwrap().current.get(node)?.kind)
     }

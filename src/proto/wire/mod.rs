@@ -25,10 +25,13 @@ pub use control::{CONTROL_VERSION, ControlMsg};
 pub const HELLO_MAGIC: [u8; 8] = *b"FRYWIRE\0";
 /// The protocol this build speaks. Majors must be equal; the lower minor is used.
 /// 1.1 added the bunker, failover and failback messages (`LogInfo` … `DirtyMap`) and a
-/// target's `LogInfo` after its `Status`.
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 1 };
+/// target's `LogInfo` after its `Status`; 1.2 a resync's read end (`ResyncRead`) and a
+/// target's `MixedUntil` to a failover tool.
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 2 };
 /// The first minor with the bunker, failover and failback messages.
 pub const MINOR_FAILOVER: u16 = 1;
+/// The first minor with `ResyncRead` and `MixedUntil`.
+pub const MINOR_RESYNC_READ: u16 = 2;
 /// Length of the hello this build sends (protocol 1.0).
 pub const HELLO_LEN: usize = 96;
 /// Longest hello accepted: a later 1.x may append fields before the crc, up to this.
@@ -946,6 +949,16 @@ pub mod control {
         /// Failback target to new primary: a piece of the encoded sync map of the locations it
         /// changed past the fork (`syncmap::encode`); the last piece has `last` set.
         DirtyMap { chunk: Vec<u8>, last: bool },
+        /// Primary to target, just before `ResyncEnd` (1.2): resync `plan` read the primary's
+        /// tree while records up to `read_end_lsn` were being applied to it, so once staged
+        /// the target's directory shows a mix of states from the resync's `resume_lsn` to
+        /// here; it is the primary's tree at one LSN again only once its log is applied up
+        /// to `read_end_lsn` (docs/PROTOCOL.md, "A resync's read end").
+        ResyncRead { plan: u64, read_end_lsn: u64 },
+        /// Target to failover tool, right after its first `LogInfo` (1.2): its directory shows
+        /// a mix of states until its log is applied below `lsn` (a resync's read end); 0 when
+        /// it shows the primary's tree at one LSN.
+        MixedUntil { lsn: u64 },
     }
 
     /// An object as a resync describes it (the primary's file id; the rest as `stat` says).
