@@ -78,6 +78,14 @@ pub struct MountArgs {
     /// first time receives a full initial sync while writes go on.
     #[arg(long = "target", value_name = "URL")]
     pub targets: Vec<String>,
+    /// With several targets, each keeps the records it received in its own log until every
+    /// target has them (the all-acked watermark), so after this machine's loss `ferryfs
+    /// catchup` can level them from the most advanced one. A target unreachable for longer
+    /// than this stops holding the others' logs back: it falls back to its sync map and is
+    /// resynchronized from the changed blocks when it returns (`ferryfs status` says
+    /// `timed out`). E.g. 10m, 30s.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub target_timeout: Duration,
     /// A shared secret for every tcp target and a tcp bunker: both sides prove they hold it
     /// (HMAC-SHA256) before any record moves. Make one with
     /// `head -c 32 /dev/urandom | base64 > FILE`.
@@ -200,6 +208,7 @@ pub fn run(a: MountArgs) -> Result<()> {
             targets.iter().zip(maps).map(|(t, (upto, map))| (t.url().to_string(), upto, map)).collect();
         named.extend(promotion);
         let hub = Hub::new(core.journal.clone(), named);
+        hub.set_target_timeout(a.target_timeout);
         core.set_marks(hub.clone());
         hub
     });

@@ -389,7 +389,20 @@ pub fn report(
     };
     let targets = hub
         .map(|h| {
-            h.links.iter().filter(|l| l.url != hub::PROMOTION_LINK).map(|l| target_status(journal, l, next)).collect()
+            let watermark = h.all_acked_below();
+            let holds: Vec<Option<Lsn>> = h.links.iter().map(|l| l.watermark_hold()).collect();
+            let top = holds.iter().flatten().max().copied();
+            h.links
+                .iter()
+                .zip(&holds)
+                .filter(|(l, _)| l.url != hub::PROMOTION_LINK)
+                .map(|(l, hold)| {
+                    let mut t = target_status(journal, l, next);
+                    t.watermark_lsn = watermark.map_or(0, |w| w.0.saturating_sub(1));
+                    t.holds_watermark = hold.is_some() && *hold == watermark && top > watermark;
+                    t
+                })
+                .collect()
         })
         .unwrap_or_default();
     let mut report = StatusReport::new(js, targets);
@@ -452,6 +465,12 @@ fn target_status(journal: &Journal<DirStorage>, link: &hub::Link, next: Lsn) -> 
         bytes_resync: st.bytes_resync,
         reconnects: st.reconnects,
         last_error: st.last_error.clone(),
+        sent_lsn: st.sent_below.0.saturating_sub(1),
+        watermark_lsn: 0,
+        log_start_lsn: st.target_log.map(|(s, _)| s),
+        log_next_lsn: st.target_log.map(|(_, n)| n),
+        holds_watermark: false,
+        timed_out: st.timed_out,
     }
 }
 

@@ -240,6 +240,10 @@ impl Target {
         if version.minor >= crate::proto::wire::MINOR_FAILOVER {
             out.send(sock, &Frame::Control(core.log_info(true))).await?;
         }
+        if version.minor < crate::proto::wire::MINOR_WATERMARK {
+            // It will send no all-acked watermark: free what is applied, as it expects.
+            core.follow_applied();
+        }
         let mut dec = FrameDecoder::new();
         dec.push(&leftover);
         let mut buf = vec![0u8; 1 << 20];

@@ -104,6 +104,15 @@ pub struct TargetCounters {
     pub resyncs: AtomicU64,
 }
 
+/// The log's hold for the all-acked watermark (see `LogFloor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatermarkHold {
+    /// Records from this LSN on are kept; 0 when no watermark is followed.
+    pub keep_from: u64,
+    /// Times a full log let go of records the watermark still held.
+    pub overflows: u64,
+}
+
 struct ApplyState {
     cursor: LogCursor,
     /// Settled notices not yet usable (the log does not yet hold their `records_below`).
@@ -143,19 +152,44 @@ pub struct TargetCore<S: Storage, T: Tree> {
     checkpoint_lock: Mutex<()>,
     /// A staged resync's read end (`MIXED_FILE`); 0 when none is outstanding.
     mixed_until: AtomicU64,
+    /// `LogFloor::hold` and its overflow count.
+    hold: Arc<AtomicU64>,
+    hold_overflows: Arc<AtomicU64>,
 }
 
 /// Computes an old primary's own changes from a fork LSN on (`ferryfs failback`).
 pub type FailbackSource = Box<dyn Fn(u64) -> Result<crate::syncmap::SyncMap, String> + Send>;
 
-/// The log may free only what is applied (and synced by the checkpoint hook).
-struct ApplyFloor(Arc<AtomicU64>);
+/// What the log may free (claims 002:2–4): only what is applied (and synced by the checkpoint
+/// hook), and, while the primary sends the all-acked watermark, only what every target holds,
+/// so a lagging peer can be caught up from this log after the primary's loss (`ferryfs
+/// catchup`).
+struct LogFloor {
+    applied: Arc<AtomicU64>,
+    /// Keep every record from this LSN on; 0: no watermark is followed (free what is applied).
+    hold: Arc<AtomicU64>,
+    overflows: Arc<AtomicU64>,
+}
 
-impl Retention for ApplyFloor {
+impl Retention for LogFloor {
     fn floor(&self) -> Option<Lsn> {
-        Some(Lsn(self.0.load(Ordering::Acquire)))
+        let applied = self.applied.load(Ordering::Acquire);
+        let hold = self.hold.load(Ordering::Acquire);
+        Some(Lsn(if hold == 0 { applied } else { applied.min(hold) }))
     }
-    fn release(&self) {}
+
+    /// The log is full of records some target may still lack: they go (a writer never waits
+    /// for a peer), and a catch-up of that peer from here will need blocks instead.
+    fn release(&self) {
+        if self.hold.swap(0, Ordering::AcqRel) != 0 {
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "the target's log is full of records below the all-acked watermark's reach: freeing what is \
+                 applied; a peer lagging behind them can only be caught up from blocks (--log-size is too small \
+                 for the lag between the targets)"
+            );
+        }
+    }
 }
 
 impl<S: Storage, T: Tree> TargetCore<S, T> {
@@ -197,7 +231,15 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         let marker = tree.applied_marker(&sb.set_id).map_err(io_err("reading the applied marker"))?;
         let applier = Arc::new(Mutex::new(Applier::new(tree, sb.set_id, ids)));
         let applied_next = Arc::new(AtomicU64::new(sb.start_lsn.0));
-        journal.set_retention(Arc::new(ApplyFloor(applied_next.clone())));
+        // Until a primary says otherwise, everything held is kept: after the primary's loss
+        // this log may be what a lagging peer is caught up from.
+        let hold = Arc::new(AtomicU64::new(sb.start_lsn.0.max(1)));
+        let hold_overflows = Arc::new(AtomicU64::new(0));
+        journal.set_retention(Arc::new(LogFloor {
+            applied: applied_next.clone(),
+            hold: hold.clone(),
+            overflows: hold_overflows.clone(),
+        }));
         let a = applier.clone();
         let storage_ids = move || -> io::Result<FileId> {
             let a = a.lock().unwrap();
@@ -228,6 +270,8 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             failback_source: Mutex::new(None),
             checkpoint_lock: Mutex::new(()),
             mixed_until: AtomicU64::new(mixed_until),
+            hold,
+            hold_overflows,
         })
     }
 
@@ -578,6 +622,27 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             let _ = self.mixed_until.compare_exchange(mixed, 0, Ordering::AcqRel, Ordering::Acquire);
         }
         Ok(())
+    }
+
+    /// The all-acked watermark (claim 002:2–3): every target holds every record up to
+    /// `all_acked_lsn`, so the log may free them (at its next checkpoint: the start-of-log
+    /// pointer moves). Only ever moves forward.
+    pub fn watermark(&self, all_acked_lsn: u64) {
+        let keep_from = all_acked_lsn.saturating_add(1);
+        let _ = self.hold.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| (keep_from > h).then_some(keep_from));
+    }
+
+    /// A primary that sends no watermark (older than protocol 1.3): the log frees what is
+    /// applied, as before.
+    pub fn follow_applied(&self) {
+        self.hold.store(0, Ordering::Release);
+    }
+
+    pub fn watermark_hold(&self) -> WatermarkHold {
+        WatermarkHold {
+            keep_from: self.hold.load(Ordering::Acquire),
+            overflows: self.hold_overflows.load(Ordering::Relaxed),
+        }
     }
 
     /// Where this target's directory stops showing a mix of states (design §3, "A resync's
@@ -962,6 +1027,10 @@ impl FrameHandler {
                 Ok(Some(ControlMsg::ResyncDone { plan }))
             }
             ControlMsg::StatusRequest => Ok(Some(core.status_msg())),
+            ControlMsg::Watermark { all_acked_lsn } => {
+                core.watermark(all_acked_lsn);
+                Ok(Some(core.log_info(true)))
+            }
             ControlMsg::ForkPoint { fork_lsn } => {
                 let mut msgs = core.dirty_since(fork_lsn).map_err(e)?;
                 // All but the last go out now; the caller sends the returned one last.
@@ -1155,11 +1224,16 @@ mod tests {
 
     /// A primary's journal holding `n` write records (LSN 1..=n) and those records' bytes.
     fn primary_records(n: usize) -> Vec<u8> {
+        primary_records_of(n, 512)
+    }
+
+    /// `n` write records of `bytes` bytes each.
+    fn primary_records_of(n: usize, bytes: usize) -> Vec<u8> {
         let sb = Superblock::new([7; 16], 0, 0, Vec::new(), [0; 16]);
-        let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+        let g = JournalGeometry { segment_size: 4 << 20, segment_count: 4 };
         let j = Journal::create(SimStorage::new(), g, sb).unwrap();
         for i in 0..n {
-            let tx = j.append_write(FileId(100), i as u64 * 512, &[i as u8; 512]).unwrap();
+            let tx = j.append_write(FileId(100), (i * bytes) as u64, &vec![i as u8; bytes]).unwrap();
             j.done(tx);
         }
         let mut cur = j.cursor_at(Lsn(1)).unwrap();
@@ -1233,5 +1307,34 @@ mod tests {
         t.resync_end(2).unwrap();
         assert_eq!(t.mixed_until(), 0);
         assert!(!state.path().join(MIXED_FILE).exists());
+    }
+
+    #[test]
+    fn the_log_keeps_what_the_watermark_has_not_passed() {
+        // 40 records of 8 KiB in 64 KiB segments: about 7 per segment. The log frees whole
+        // segments, so the start moves to the segment holding the first record kept.
+        let state = tempfile::tempdir().unwrap();
+        let g = JournalGeometry { segment_size: 64 << 10, segment_count: 16 };
+        let t = TargetCore::create(SimStorage::new(), g, [7; 16], SimTree::new(), state.path()).unwrap();
+        t.receive(&primary_records_of(40, 8 << 10)).unwrap();
+        t.settled(Settled { settled_below: Lsn(41), records_below: Lsn(41) });
+        t.apply_available().unwrap();
+        assert_eq!(t.position().applied_next, 41);
+        // Applied, but no watermark yet: every record stays (a peer may need them).
+        t.checkpoint().unwrap();
+        assert_eq!(t.journal().superblock().start_lsn, Lsn(1));
+        // Every target holds records up to 20: the start-of-log pointer moves up to the
+        // segment holding record 21, and no further.
+        t.watermark(20);
+        t.checkpoint().unwrap();
+        let start = t.journal().superblock().start_lsn;
+        assert!(start > Lsn(1) && start <= Lsn(21), "start {start:?}");
+        // A lower watermark (a late frame) never moves it back.
+        t.watermark(5);
+        assert_eq!(t.watermark_hold().keep_from, 21);
+        // A primary without watermarks: what is applied goes.
+        t.follow_applied();
+        t.checkpoint().unwrap();
+        assert!(t.journal().superblock().start_lsn > Lsn(21), "{:?}", t.journal().superblock().start_lsn);
     }
 }

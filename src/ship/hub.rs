@@ -10,8 +10,9 @@
 //! written at every [`Hub::persist`] (the mount calls it on a timer and when a target falls
 //! back) and at a clean shutdown.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::format::ops::Op;
 use crate::format::record::{self, Kind};
@@ -63,6 +64,13 @@ pub struct LinkInner {
     pub released: bool,
     /// When the map file was last written.
     pub persisted_at: Instant,
+    /// Since when the target has been unreachable (`None` while connected).
+    pub disconnected_since: Option<Instant>,
+    /// It stayed unreachable longer than `--target-timeout`: it no longer holds the all-acked
+    /// watermark back and is resynchronized from its map when it returns (cleared then).
+    pub timed_out: bool,
+    /// The target's log as it last said (`LogInfo`): oldest record held, next expected.
+    pub target_log: Option<(u64, u64)>,
 }
 
 pub struct Link {
@@ -101,6 +109,18 @@ impl Link {
         }
     }
 
+    /// What this target holds the all-acked watermark at (claims 002:1, 7–9): in ordered
+    /// mode, every record below its acks is durable there (sent and received). A target that
+    /// is resynchronizing, fell back to its map or stayed away past `--target-timeout` holds
+    /// nothing back: it will get blocks, not records.
+    pub fn watermark_hold(&self) -> Option<Lsn> {
+        let st = self.lock();
+        match st.map.mode() {
+            Mode::Ordered { acked_below } if !st.timed_out => Some(acked_below),
+            _ => None,
+        }
+    }
+
     fn floor(&self) -> Lsn {
         let st = self.lock();
         let mode = match st.map.mode() {
@@ -118,7 +138,13 @@ pub struct Hub<S: Storage> {
     persist_lock: Mutex<()>,
     pub started: Instant,
     fence: Mutex<Option<Fence>>,
+    /// `--target-timeout`, in milliseconds.
+    target_timeout_ms: AtomicU64,
 }
+
+/// `--target-timeout`'s default: how long a target may stay unreachable before it stops
+/// holding the all-acked watermark back.
+pub const TARGET_TIMEOUT_DEFAULT: Duration = Duration::from_secs(600);
 
 /// A failover moved the replication set on past this primary (design §5, "Failback"): a
 /// target or the bunker answered with a higher epoch. Kept in `FENCE_FILE` in the journal
@@ -298,6 +324,9 @@ impl<S: Storage> Hub<S> {
                         last_error: None,
                         released: false,
                         persisted_at: Instant::now(),
+                        disconnected_since: Some(Instant::now()),
+                        timed_out: false,
+                        target_log: None,
                     }),
                     wake: Condvar::new(),
                 })
@@ -310,8 +339,14 @@ impl<S: Storage> Hub<S> {
                 Some(Fence { epoch: u64::MAX, fork_lsn: 0, text: e })
             }
         };
-        let hub =
-            Hub { journal, links, persist_lock: Mutex::new(()), started: Instant::now(), fence: Mutex::new(None) };
+        let hub = Hub {
+            journal,
+            links,
+            persist_lock: Mutex::new(()),
+            started: Instant::now(),
+            fence: Mutex::new(None),
+            target_timeout_ms: (TARGET_TIMEOUT_DEFAULT.as_millis() as u64).into(),
+        };
         if let Some(f) = fence {
             hub.set_fenced(f);
         }
@@ -403,6 +438,41 @@ impl<S: Storage> Hub<S> {
     }
 
     /// 000:12: ordered shipping to `link` stops; its map alone says what it lacks.
+    pub fn set_target_timeout(&self, d: Duration) {
+        self.target_timeout_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn target_timeout(&self) -> Duration {
+        Duration::from_millis(self.target_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// The all-acked watermark (claim 002:1): every record below it is durable at every
+    /// target that holds it back (`Link::watermark_hold`); `None` when none does.
+    pub fn all_acked_below(&self) -> Option<Lsn> {
+        self.links.iter().filter(|l| l.url != PROMOTION_LINK).filter_map(|l| l.watermark_hold()).min()
+    }
+
+    /// A target unreachable for longer than `--target-timeout` stops holding the watermark
+    /// back (the other targets' logs may then shrink): it falls back to its sync map and is
+    /// resynchronized from blocks when it returns. Returns whether it timed out now.
+    pub fn check_timeout(&self, link: &Link) -> bool {
+        let timeout = self.target_timeout();
+        {
+            let mut st = link.lock();
+            let away = st.disconnected_since.map(|t| t.elapsed());
+            if st.timed_out || away.is_none_or(|a| a < timeout) {
+                return false;
+            }
+            st.timed_out = true;
+            st.last_error = Some(format!(
+                "unreachable for longer than --target-timeout ({timeout:?}): it no longer holds the all-acked \
+                 watermark back; it will be resynchronized from its sync map when it returns"
+            ));
+        }
+        self.fall_back(link, &format!("unreachable for longer than --target-timeout ({timeout:?})"));
+        true
+    }
+
     pub fn fall_back(&self, link: &Link, why: &str) {
         {
             let mut st = link.lock();
@@ -530,5 +600,33 @@ mod tests {
         assert_eq!(ranges.len(), 1, "{ranges:?}");
         assert_eq!(ranges[0].first, 1, "from the block holding byte 5000");
         assert!(ranges[0].last >= u64::MAX / crate::limits::BLOCK_SIZE - 1, "{ranges:?}");
+    }
+
+    #[test]
+    fn the_watermark_is_the_least_ack_of_the_targets_that_hold_it() {
+        let (core, _, _) = primary();
+        let maps = ["tcp://a:1", "tcp://b:1", "tcp://c:1"].map(|u| (u.to_string(), Lsn(0), SyncMap::new_in_sync(Lsn(1))));
+        let mut maps = maps.to_vec();
+        maps.push((PROMOTION_LINK.to_string(), Lsn(0), SyncMap::new_in_sync(Lsn(1))));
+        let hub = Hub::new(core.journal.clone(), maps);
+        for (link, acked) in hub.links.iter().zip([9, 5, 7, 1]) {
+            link.lock().map.ack(Lsn(acked));
+        }
+        // b acked least (records up to 5); the since-promotion pseudo-link never counts.
+        assert_eq!(hub.all_acked_below(), Some(Lsn(6)));
+        // b falls back to its map (an overflow): it will get blocks, so it holds nothing back.
+        hub.fall_back(&hub.links[1], "test");
+        assert_eq!(hub.all_acked_below(), Some(Lsn(8)));
+        // c stays away past --target-timeout: it stops holding the watermark back too.
+        hub.set_target_timeout(Duration::from_millis(1));
+        hub.links[2].lock().disconnected_since = Some(Instant::now());
+        assert!(hub.links[0].lock().disconnected_since.is_some(), "never connected counts as away");
+        hub.links[0].lock().disconnected_since = None;
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!hub.check_timeout(&hub.links[0]), "a connected target never times out");
+        assert!(hub.check_timeout(&hub.links[2]));
+        assert!(!hub.check_timeout(&hub.links[2]), "once");
+        assert!(hub.links[2].lock().last_error.as_deref().is_some_and(|e| e.contains("--target-timeout")));
+        assert_eq!(hub.all_acked_below(), Some(Lsn(10)));
     }
 }

@@ -24,6 +24,9 @@ pub enum Event {
     Heartbeat,
     /// A piece of a failing-back old primary's changes past the fork (`ControlMsg::DirtyMap`).
     DirtyMap(Vec<u8>, bool),
+    /// Where the target's log stands (its `LogInfo`, the answer to a `Watermark`): the oldest
+    /// record it holds and the next it expects.
+    TargetLog { start: u64, next: u64 },
     Closed(String),
 }
 
@@ -136,6 +139,9 @@ impl Connector for TcpConnector {
                         }
                         Ok(Frame::Control(ControlMsg::Status { .. })) => continue,
                         Ok(Frame::Control(ControlMsg::DirtyMap { chunk, last })) => Event::DirtyMap(chunk, last),
+                        Ok(Frame::Control(ControlMsg::LogInfo { start_lsn, next_lsn, .. })) => {
+                            Event::TargetLog { start: start_lsn, next: next_lsn }
+                        }
                         Ok(Frame::Control(ControlMsg::Fenced { epoch, fork_lsn })) => {
                             *fence.lock().unwrap() = Some((epoch, fork_lsn));
                             Event::Closed(fenced_text(addr, epoch, fork_lsn, ours))
@@ -210,6 +216,9 @@ pub fn event_of(f: Frame) -> Option<Event> {
         Frame::Heartbeat => Some(Event::Heartbeat),
         Frame::Control(ControlMsg::ResyncDone { plan }) => Some(Event::ResyncDone(plan)),
         Frame::Control(ControlMsg::DirtyMap { chunk, last }) => Some(Event::DirtyMap(chunk, last)),
+        Frame::Control(ControlMsg::LogInfo { start_lsn, next_lsn, .. }) => {
+            Some(Event::TargetLog { start: start_lsn, next: next_lsn })
+        }
         Frame::Control(ControlMsg::Bye { reason }) => Some(Event::Closed(format!("the target said: {reason}"))),
         _ => None,
     }

@@ -24,7 +24,7 @@ use super::source::Source;
 use crate::format::ops::NodeKind;
 use crate::io::Storage;
 use crate::journal::{CursorError, LogCursor};
-use crate::proto::wire::{Frame, MINOR_RESYNC_READ};
+use crate::proto::wire::{Frame, MINOR_RESYNC_READ, MINOR_WATERMARK};
 use crate::proto::wire::control::{ControlMsg, NodeDesc};
 use crate::syncmap::{Mode, ResyncPlan};
 use crate::types::{FileId, Lsn};
@@ -38,6 +38,8 @@ pub const RESYNC_CHUNK: usize = 1 << 20;
 /// How often the shipper makes the journal durable itself when it has records to send.
 const SYNC_EVERY: Duration = Duration::from_millis(10);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// The all-acked watermark goes to each target at most this often (claim 002:1).
+const WATERMARK_EVERY: Duration = Duration::from_millis(100);
 /// How long a resync's end waits for the bunker to hold the records up to its read end.
 const MIRROR_WAIT_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -94,6 +96,11 @@ impl<S: Storage> Shipper<S> {
             }
             let result = connector.connect().and_then(|mut s| {
                 backoff = self.timing.backoff_min;
+                {
+                    let mut st = self.link.lock();
+                    st.disconnected_since = None;
+                    st.timed_out = false;
+                }
                 self.serve(s.as_mut())
             });
             let why = match result {
@@ -118,7 +125,9 @@ impl<S: Storage> Shipper<S> {
                 st.state = LinkState::Disconnected;
                 st.last_error = Some(why);
                 st.reconnects += 1;
+                st.disconnected_since.get_or_insert_with(Instant::now);
             }
+            self.hub.check_timeout(&self.link);
             self.sleep(backoff);
             backoff = (backoff * 2).min(self.timing.backoff_max);
         }
@@ -462,6 +471,7 @@ impl<S: Storage> Shipper<S> {
         let mut last_heard = Instant::now();
         let mut last_settled = None;
         let mut observed: VecDeque<crate::journal::Settled> = VecDeque::new();
+        let mut watermark = Watermark::new(s.minor());
         self.link.lock().sent_below = cur.next;
         loop {
             if self.stop.load(Ordering::Acquire) {
@@ -481,6 +491,7 @@ impl<S: Storage> Shipper<S> {
                         }
                         self.link.lock().map.ack(l);
                     }
+                    Event::TargetLog { start, next } => self.link.lock().target_log = Some((start, next)),
                     Event::Closed(why) => return Err(why),
                     _ => {}
                 }
@@ -538,6 +549,10 @@ impl<S: Storage> Shipper<S> {
                 }))?;
                 last_settled = Some(u);
             }
+            if let Some(w) = watermark.due(self.hub.all_acked_below()) {
+                s.send(&Frame::Control(ControlMsg::Watermark { all_acked_lsn: w }))?;
+                last_sent = Instant::now();
+            }
             self.update_state(&journal, &cur);
             if last_sent.elapsed() >= self.timing.heartbeat_every {
                 s.send(&Frame::Heartbeat)?;
@@ -559,6 +574,32 @@ impl<S: Storage> Shipper<S> {
         if caught_up {
             st.last_error = None;
         }
+    }
+}
+
+/// When the all-acked watermark goes to a target (claims 002:1, 9): when it moved, at most
+/// every `WATERMARK_EVERY`, only to a target that speaks 1.3 (an older one would refuse the
+/// message). A small control frame between record batches: it never holds shipping up.
+struct Watermark {
+    enabled: bool,
+    sent: Option<Lsn>,
+    at: Option<Instant>,
+}
+
+impl Watermark {
+    fn new(minor: u16) -> Watermark {
+        Watermark { enabled: minor >= MINOR_WATERMARK, sent: None, at: None }
+    }
+
+    /// The `all_acked_lsn` to send now, if any (`below` is the hub's all-acked LSN).
+    fn due(&mut self, below: Option<Lsn>) -> Option<u64> {
+        let below = below.filter(|b| self.enabled && b.0 > 1 && self.sent.is_none_or(|s| *b > s))?;
+        if self.at.is_some_and(|t| t.elapsed() < WATERMARK_EVERY) {
+            return None;
+        }
+        self.sent = Some(below);
+        self.at = Some(Instant::now());
+        Some(below.0 - 1)
     }
 }
 

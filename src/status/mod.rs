@@ -118,6 +118,27 @@ pub struct TargetStatus {
     pub reconnects: u64,
     /// The last failure talking to the target, if any since the last success.
     pub last_error: Option<String>,
+    /// Claims 002:7–8: the highest LSN sent to it on the current connection (its sent
+    /// indicator; `acked_lsn` is its received indicator).
+    #[serde(default)]
+    pub sent_lsn: u64,
+    /// The all-acked watermark the primary tells its targets (claim 002:1): every target that
+    /// holds it back has every record up to it; 0 when no target holds it.
+    #[serde(default)]
+    pub watermark_lsn: u64,
+    /// The target's own log as it last said: oldest record held, next expected (1.3 targets).
+    #[serde(default)]
+    pub log_start_lsn: Option<u64>,
+    #[serde(default)]
+    pub log_next_lsn: Option<u64>,
+    /// This target is the one keeping the watermark where it is (it acked least of those that
+    /// hold it, and another acked more).
+    #[serde(default)]
+    pub holds_watermark: bool,
+    /// Unreachable longer than `--target-timeout`: it no longer holds the watermark back and
+    /// gets a resync from its sync map when it returns.
+    #[serde(default)]
+    pub timed_out: bool,
 }
 
 /// The words [`BunkerStatus::state`] may hold:
@@ -516,7 +537,36 @@ pub fn render_table(r: &StatusReport) -> String {
     }
     let mut rows = vec![HEADERS.map(String::from)];
     rows.extend(r.targets.iter().map(target_row));
-    out + &align(&rows)
+    out + &align(&rows) + &watermark_lines(&r.targets)
+}
+
+/// With more than one target: the all-acked watermark, each target's log, and who holds the
+/// watermark back or no longer does.
+fn watermark_lines(targets: &[TargetStatus]) -> String {
+    if targets.len() < 2 {
+        return String::new();
+    }
+    let wm = targets.iter().map(|t| t.watermark_lsn).max().unwrap_or(0);
+    let mut out = if wm == 0 {
+        "all-acked watermark: none yet (no target holds records in order)\n".to_string()
+    } else {
+        format!("all-acked watermark: lsn {wm}\n")
+    };
+    for t in targets {
+        let log = match (t.log_start_lsn, t.log_next_lsn) {
+            (Some(s), Some(n)) => format!("its log holds lsn {s}..{n}"),
+            _ => "its log: not reported".to_string(),
+        };
+        let role = if t.timed_out {
+            ", TIMED OUT (--target-timeout): no longer holds the watermark; resync from its sync map on return"
+        } else if t.holds_watermark {
+            ", holds the watermark back"
+        } else {
+            ""
+        };
+        out.push_str(&format!("  {}: sent {}, acked {}, {log}{role}\n", t.url, t.sent_lsn, t.acked_lsn));
+    }
+    out
 }
 
 fn journal_line(j: &JournalStatus) -> String {

@@ -45,6 +45,7 @@ fn sample() -> StatusReport {
                 bytes_resync: 1 << 20,
                 reconnects: 3,
                 last_error: Some("connection refused\n(os error 111)".into()),
+                ..TargetStatus::default()
             },
         ],
     )
@@ -292,7 +293,8 @@ fn table_shows_the_journal_line_and_aligned_columns() {
     for header in HEADERS {
         assert!(lines[1].contains(header), "{header} in {}", lines[1]);
     }
-    assert_eq!(lines.len(), 4);
+    // The table rows, then the watermark line and one line per target (two targets).
+    assert_eq!(lines.len(), 4 + 3, "{table}");
     let state_column = lines[1].find("STATE").unwrap();
     assert_eq!(lines[2].find("in-sync"), Some(state_column));
     assert_eq!(lines[3].find("disconnected"), Some(state_column));
@@ -421,4 +423,25 @@ fn the_bunker_is_in_the_json_and_reports_without_it_still_parse() {
     let older = serde_json::to_string(&sample()).unwrap().replace(",\"bunker\":null", "");
     assert!(!older.contains("bunker"));
     assert_eq!(serde_json::from_str::<StatusReport>(&older).unwrap(), sample());
+}
+
+#[test]
+fn the_table_shows_the_watermark_each_targets_log_and_who_holds_it_back() {
+    let mut r = sample();
+    let (a, b) = (r.targets[0].url.clone(), r.targets[1].url.clone());
+    for t in &mut r.targets {
+        t.watermark_lsn = 40000;
+    }
+    r.targets[0].sent_lsn = 52311;
+    (r.targets[0].log_start_lsn, r.targets[0].log_next_lsn) = (Some(40001), Some(52312));
+    r.targets[1].holds_watermark = true;
+    let text = render_table(&r);
+    assert!(text.contains("all-acked watermark: lsn 40000"), "{text}");
+    assert!(text.contains(&format!("{a}: sent 52311, acked 52311, its log holds lsn 40001..52312\n")), "{text}");
+    assert!(text.contains(&format!("{b}: sent 0, acked 40000, its log: not reported, holds the watermark back")), "{text}");
+    r.targets[1].timed_out = true;
+    assert!(render_table(&r).contains("TIMED OUT (--target-timeout)"));
+    // One target: no watermark lines (its own acks are the watermark).
+    r.targets.truncate(1);
+    assert!(!render_table(&r).contains("watermark"));
 }

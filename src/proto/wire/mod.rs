@@ -26,12 +26,16 @@ pub const HELLO_MAGIC: [u8; 8] = *b"FRYWIRE\0";
 /// The protocol this build speaks. Majors must be equal; the lower minor is used.
 /// 1.1 added the bunker, failover and failback messages (`LogInfo` … `DirtyMap`) and a
 /// target's `LogInfo` after its `Status`; 1.2 a resync's read end (`ResyncRead`) and a
-/// target's `MixedUntil` to a failover tool.
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 2 };
+/// target's `MixedUntil` to a failover tool; 1.3 the all-acked watermark to targets
+/// (`Watermark`, answered by the target's `LogInfo`).
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 3 };
 /// The first minor with the bunker, failover and failback messages.
 pub const MINOR_FAILOVER: u16 = 1;
 /// The first minor with `ResyncRead` and `MixedUntil`.
 pub const MINOR_RESYNC_READ: u16 = 2;
+/// The first minor in which a primary sends targets the all-acked `Watermark` (claim 002:1)
+/// and a target answers each with its `LogInfo`.
+pub const MINOR_WATERMARK: u16 = 3;
 /// Length of the hello this build sends (protocol 1.0).
 pub const HELLO_LEN: usize = 96;
 /// Longest hello accepted: a later 1.x may append fields before the crc, up to this.
