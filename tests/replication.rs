@@ -327,3 +327,46 @@ fn replay_by_hand_keeps_what_a_target_lacks_in_its_map() {
     proxy.heal();
     wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
 }
+
+/// Issue 6 point 2 (log bound, small): three healthy targets with 64 MiB logs take 192 MiB of
+/// writes. The all-acked watermark keeps moving, so every target's log frees what all have:
+/// its start moves on and it never has to let records go for want of room.
+#[test]
+fn three_healthy_targets_keep_their_logs_from_the_watermark_and_never_overflow() {
+    let ts: Vec<TargetProc> = (0..3).map(|_| TargetProc::start(&["--log-size", "64M"])).collect();
+    let urls: Vec<String> = ts.iter().map(|t| t.url()).collect();
+    let m = mount_with(&urls, &[]);
+    for i in 0..192u64 {
+        fs::write(m.mnt.join(format!("f{}", i % 16)), pattern(i, 1 << 20)).unwrap();
+        if i % 16 == 15 {
+            sync_mount(&m);
+        }
+    }
+    sync_mount(&m);
+    let dirs: Vec<&Path> = ts.iter().map(|t| t.dir.as_path()).collect();
+    wait_converged(&m.journal, &m.backing, &dirs, CONVERGE);
+    // The last watermark and each target's answer arrive within a few hundred ms.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = status(&m.journal);
+        let targets = st["targets"].as_array().unwrap().clone();
+        let next = st["journal"]["next_lsn"].as_u64().unwrap();
+        let settled = targets.iter().all(|t| {
+            t["watermark_lsn"].as_u64() == Some(next - 1) && t["log_next_lsn"].as_u64() == Some(next)
+        });
+        if settled || Instant::now() > deadline {
+            break st;
+        }
+        sleep(Duration::from_millis(100));
+    };
+    let next = st["journal"]["next_lsn"].as_u64().unwrap();
+    for (t, proc_) in st["targets"].as_array().unwrap().iter().zip(&ts) {
+        assert_eq!(t["watermark_lsn"].as_u64(), Some(next - 1), "{st:#}");
+        assert_eq!(t["log_next_lsn"].as_u64(), Some(next), "{st:#}");
+        let start = t["log_start_lsn"].as_u64().unwrap();
+        assert!(start > 1, "the target's log never freed anything: {st:#}");
+        assert!(!t["holds_watermark"].as_bool().unwrap(), "{st:#}");
+        let log = proc_.log();
+        assert!(!log.contains("log is full"), "a target's log overflowed: {log}");
+    }
+}
