@@ -229,7 +229,7 @@ fn report_incomplete(scan: &IncompleteScan) {
     }
 }
 
-fn tcp_addr(flag: &str, url: &str) -> Result<SocketAddr> {
+pub(super) fn tcp_addr(flag: &str, url: &str) -> Result<SocketAddr> {
     let Some(rest) = url.strip_prefix("tcp://") else {
         bail!("{flag} {url}: expected tcp://HOST:PORT");
     };
@@ -239,7 +239,7 @@ fn tcp_addr(flag: &str, url: &str) -> Result<SocketAddr> {
         .with_context(|| format!("{flag} {url}: the host has no address"))
 }
 
-fn hex(b: &[u8]) -> String {
+pub(super) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -257,8 +257,8 @@ fn handshake_cfg(key: Option<Key>) -> HandshakeConfig {
 
 fn log_view(msg: ControlMsg, who: &str) -> Result<LogView> {
     match msg {
-        ControlMsg::LogInfo { epoch, start_lsn, next_lsn, primary_connected, promoted, .. } => {
-            Ok(LogView { epoch, start_lsn, next_lsn, primary_connected, promoted, mixed_until: 0 })
+        ControlMsg::LogInfo { epoch, start_lsn, next_lsn, applied_next, primary_connected, promoted, .. } => {
+            Ok(LogView { epoch, start_lsn, next_lsn, applied_next, primary_connected, promoted, mixed_until: 0 })
         }
         ControlMsg::Bye { reason } => bail!("{who} refused: {reason}"),
         other => bail!("{who} sent {other:?} instead of where its log stands"),
@@ -274,6 +274,45 @@ fn recv(r: &mut Reader, who: &str) -> Result<Frame> {
             Ok(f) => return Ok(f),
             Err(NetError::Timeout(t)) => bail!("{who} was silent for {t:?}"),
             Err(e) => bail!("{who}: {e}"),
+        }
+    }
+}
+
+/// `ReadLog{from}` to a bunker or a target, then every Records frame it sends to `sink`, each
+/// checked to continue the last (LSN order, no gap), until its `ReadEnd`.
+fn read_log(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    who: &str,
+    from: Lsn,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    writer.send(&Frame::Control(ControlMsg::ReadLog { from_lsn: from.0 }))?;
+    let mut expect = from;
+    let mut last_beat = Instant::now();
+    loop {
+        match recv(reader, who)? {
+            Frame::Records(body) => {
+                let first = crate::format::record::decode_header(&body, body.len())
+                    .map_err(|e| anyhow::anyhow!("{who} sent a bad record: {e}"))?;
+                if first.lsn != expect {
+                    bail!("{who} sent record {} where {} was due", first.lsn.0, expect.0);
+                }
+                let count = crate::proto::wire::split_records(&body).count() as u64;
+                expect = Lsn(expect.0 + count);
+                sink(&body)?;
+            }
+            Frame::Control(ControlMsg::ReadEnd { next_lsn }) => {
+                if next_lsn != expect.0 {
+                    bail!("{who} ended its records at {next_lsn} but sent records up to {}", expect.0);
+                }
+                return Ok(());
+            }
+            f => bail!("{who} sent an unexpected {} frame while sending records", f.kind().name()),
+        }
+        if last_beat.elapsed() >= Duration::from_secs(1) {
+            writer.send(&Frame::Heartbeat)?;
+            last_beat = Instant::now();
         }
     }
 }
@@ -330,34 +369,7 @@ impl BunkerSide for TcpBunker {
         Ok(())
     }
     fn read(&mut self, from: Lsn, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
-        self.writer.send(&Frame::Control(ControlMsg::ReadLog { from_lsn: from.0 }))?;
-        let mut expect = from;
-        let mut last_beat = Instant::now();
-        loop {
-            match recv(&mut self.reader, "the bunker")? {
-                Frame::Records(body) => {
-                    let first = crate::format::record::decode_header(&body, body.len())
-                        .map_err(|e| anyhow::anyhow!("the bunker sent a bad record: {e}"))?;
-                    if first.lsn != expect {
-                        bail!("the bunker sent record {} where {} was due", first.lsn.0, expect.0);
-                    }
-                    let count = crate::proto::wire::split_records(&body).count() as u64;
-                    expect = Lsn(expect.0 + count);
-                    sink(&body)?;
-                }
-                Frame::Control(ControlMsg::ReadEnd { next_lsn }) => {
-                    if next_lsn != expect.0 {
-                        bail!("the bunker ended its records at {next_lsn} but sent records up to {}", expect.0);
-                    }
-                    return Ok(());
-                }
-                f => bail!("the bunker sent an unexpected {} frame while sending records", f.kind().name()),
-            }
-            if last_beat.elapsed() >= Duration::from_secs(1) {
-                self.writer.send(&Frame::Heartbeat)?;
-                last_beat = Instant::now();
-            }
-        }
+        read_log(&mut self.reader, &mut self.writer, "the bunker", from, sink)
     }
 }
 
@@ -389,6 +401,7 @@ impl BunkerSide for DirBunker {
             epoch: l.epoch,
             start_lsn: l.start_lsn.0,
             next_lsn: l.next_lsn.0,
+            applied_next: l.next_lsn.0,
             primary_connected: false,
             promoted: false,
             mixed_until: 0,
@@ -414,18 +427,19 @@ impl BunkerSide for DirBunker {
 
 // ----- the target's side --------------------------------------------------------------------
 
-struct TcpTarget {
+/// A `ferryfs target` as a failover or catch-up tool talks to it.
+pub(super) struct TcpTarget {
     reader: Reader,
     writer: Writer,
-    set_id: [u8; 16],
-    view: LogView,
+    pub(super) set_id: [u8; 16],
+    pub(super) view: LogView,
     /// Blocks sent whose ack has not been read yet.
     unacked: u64,
     acked: Option<Lsn>,
 }
 
 impl TcpTarget {
-    fn connect(addr: SocketAddr, key: Option<Key>) -> Result<TcpTarget> {
+    pub(super) fn connect(addr: SocketAddr, key: Option<Key>) -> Result<TcpTarget> {
         let (mut reader, writer, est) = conn::connect(addr, handshake_cfg(key), Duration::from_secs(5))
             .with_context(|| format!("connecting to the target at {addr}"))?;
         if est.peer.role != Role::Target {
@@ -451,8 +465,23 @@ impl TcpTarget {
         Ok(())
     }
 
+    /// Every record of its log from `from` to its end, in blocks (catch-up, claims 002:5–6).
+    pub(super) fn read_log(&mut self, from: Lsn, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        read_log(&mut self.reader, &mut self.writer, "the most advanced target", from, sink)
+    }
+
+    /// Catch-up's last step: apply every record below `end`; returns where its log stands.
+    pub(super) fn apply_log(&mut self, end: u64) -> Result<LogView> {
+        self.writer.send(&Frame::Control(ControlMsg::ApplyLog { end_lsn: end }))?;
+        let v = log_view(control(&mut self.reader, "the target")?, "the target")?;
+        if v.next_lsn != end {
+            bail!("the target applied its log but holds records below {}, not {end}", v.next_lsn);
+        }
+        Ok(v)
+    }
+
     /// Sends one block; keeps at most 8 blocks unacknowledged.
-    fn send_block(&mut self, block: &[u8]) -> Result<()> {
+    pub(super) fn send_block(&mut self, block: &[u8]) -> Result<()> {
         self.writer.send_records(block)?;
         self.unacked += 1;
         while self.unacked > 8 {
@@ -472,7 +501,7 @@ impl TcpTarget {
         }
     }
 
-    fn wait_acked(&mut self, last: Lsn) -> Result<()> {
+    pub(super) fn wait_acked(&mut self, last: Lsn) -> Result<()> {
         while self.acked.is_none_or(|a| a < last) {
             if self.unacked == 0 {
                 bail!("the target acknowledged records only up to {:?}, {} was sent", self.acked.map(|l| l.0), last.0);

@@ -1,6 +1,7 @@
 //! One file per subcommand; `anyhow` lives here and in main.rs only.
 
 pub mod bunker;
+pub mod catchup;
 pub mod common;
 pub mod demo;
 pub mod inspect;

@@ -384,10 +384,55 @@ impl Target {
                     );
                     r
                 }
+                Frame::Control(ControlMsg::ReadLog { from_lsn }) => {
+                    self.serve_log(sock, out, &core, crate::types::Lsn(from_lsn)).await?;
+                    continue;
+                }
+                Frame::Control(ControlMsg::ApplyLog { end_lsn }) => {
+                    let work = blocking(move || {
+                        c.apply_log(crate::types::Lsn(end_lsn)).map(|_| Frame::Control(c.log_info(false)))
+                    });
+                    let r = self.busy(sock, out, work).await?;
+                    eprintln!("ferryfs target: caught up: every record below LSN {end_lsn} is applied");
+                    r
+                }
                 Frame::Control(ControlMsg::Bye { .. }) => return Ok(()),
                 other => return Err(format!("the failover tool sent an unexpected {} frame", other.kind().name())),
             };
             out.send(sock, &reply).await?;
+        }
+    }
+
+    /// `ReadLog{from}` from a catch-up tool (claims 002:5–6): this log's records from `from` to
+    /// its durable end in Records frames of about 1 MiB, then `ReadEnd{next}`. A log that no
+    /// longer holds `from` says so (`Bye`) and the connection ends.
+    async fn serve_log(
+        &self,
+        sock: &mut TcpStream,
+        out: &mut Out,
+        core: &Arc<Core>,
+        from: crate::types::Lsn,
+    ) -> Result<(), String> {
+        let mut at = from;
+        loop {
+            let c = core.clone();
+            let read = blocking(move || {
+                let mut block = Vec::new();
+                c.read_log(at, 1 << 20, &mut block).map(|next| (next, block))
+            })
+            .await;
+            let (next, block) = match read {
+                Ok(r) => r,
+                Err(why) => {
+                    out.bye(sock, &why).await;
+                    return Err(why);
+                }
+            };
+            if next == at {
+                return out.send(sock, &Frame::Control(ControlMsg::ReadEnd { next_lsn: next.0 })).await;
+            }
+            out.send(sock, &Frame::Records(block)).await?;
+            at = next;
         }
     }
 

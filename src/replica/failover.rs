@@ -23,6 +23,8 @@ pub struct LogView {
     pub epoch: u64,
     pub start_lsn: u64,
     pub next_lsn: u64,
+    /// The next record it would apply (a bunker applies nothing: `next_lsn`).
+    pub applied_next: u64,
     pub primary_connected: bool,
     pub promoted: bool,
     /// A target's `MixedUntil`: its directory shows a mix of states until its log holds

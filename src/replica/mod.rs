@@ -4,5 +4,6 @@ pub mod apply;
 #[cfg(test)]
 mod apply_tests;
 pub mod bunker;
+pub mod catchup;
 pub mod failover;
 pub mod target;

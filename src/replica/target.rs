@@ -431,12 +431,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                 next.0.saturating_sub(1)
             )));
         }
-        {
-            let mut st = self.apply.lock().unwrap();
-            st.settled.clear();
-            st.limit = st.limit.max(end_lsn);
-            self.apply_upto(&mut st, end_lsn)?;
-        }
+        self.apply_all(end_lsn)?;
         let mixed = self.mixed_until();
         if mixed > end_lsn.0 {
             tracing::warn!(
@@ -459,6 +454,55 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         self.fence(epoch)?;
         self.journal.close_clean()?;
         Ok(promotion)
+    }
+
+    /// Applies every record below `end_lsn` whatever the primary said was settled: a
+    /// transaction without an outcome by the failover rule (module docs of
+    /// `replica::failover`). For a promotion and a catch-up, after the primary's loss.
+    fn apply_all(&self, end_lsn: Lsn) -> Result<(), TargetError> {
+        let mut st = self.apply.lock().unwrap();
+        st.settled.clear();
+        st.limit = st.limit.max(end_lsn);
+        self.apply_upto(&mut st, end_lsn)?;
+        Ok(())
+    }
+
+    /// Catch-up (claims 002:5–6, `ferryfs catchup`): records `[from, end)` of this log, in
+    /// blocks of about `max_bytes`, for a peer that lacks them. Returns where the block ended
+    /// (`from` again when the log holds nothing from there: its end). Refused when the log no
+    /// longer holds `from` (its start moved past it: the peer needs blocks instead).
+    pub fn read_log(&self, from: Lsn, max_bytes: usize, out: &mut Vec<u8>) -> Result<Lsn, TargetError> {
+        let end = Lsn(self.journal.durable_lsn().0.max(1)).min(self.journal.next_lsn());
+        if from >= end {
+            return Ok(from);
+        }
+        let mut cur = self.journal.cursor_at(from).map_err(|e| {
+            TargetError::Protocol(format!(
+                "this target's log no longer holds record {} (it starts at {}): {e}",
+                from.0,
+                self.journal.superblock().start_lsn.0
+            ))
+        })?;
+        self.journal
+            .read_records(&mut cur, end, max_bytes, out)
+            .map_err(|e| TargetError::Protocol(format!("reading this target's log at {}: {e}", from.0)))?;
+        Ok(cur.next)
+    }
+
+    /// Catch-up's last step on each target: its log holds every record below `end_lsn` (the
+    /// most advanced target's end); apply them all, as a promotion does but without becoming
+    /// a primary, and checkpoint. Then every target of the set shows the same tree.
+    pub fn apply_log(&self, end_lsn: Lsn) -> Result<(), TargetError> {
+        let next = self.journal.next_lsn();
+        if next != end_lsn {
+            return Err(TargetError::Protocol(format!(
+                "the catch-up ends at LSN {} but this target's log holds records up to {}: refusing to apply",
+                end_lsn.0,
+                next.0.saturating_sub(1)
+            )));
+        }
+        self.apply_all(end_lsn)?;
+        self.checkpoint()
     }
 
     /// Where applying stands, for diagnostics: cursor, usable limit, queued notices.

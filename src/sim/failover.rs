@@ -1190,8 +1190,8 @@ fn fault_bytes(w: &mut World, q: &mut VecDeque<u8>, drop_permille: u32, dup_perm
 /// Where a node's log stands, as the command reads its `LogInfo`.
 fn log_view(msg: ControlMsg) -> Result<LogView, String> {
     match msg {
-        ControlMsg::LogInfo { epoch, start_lsn, next_lsn, primary_connected, promoted, .. } => {
-            Ok(LogView { epoch, start_lsn, next_lsn, primary_connected, promoted, mixed_until: 0 })
+        ControlMsg::LogInfo { epoch, start_lsn, next_lsn, applied_next, primary_connected, promoted, .. } => {
+            Ok(LogView { epoch, start_lsn, next_lsn, applied_next, primary_connected, promoted, mixed_until: 0 })
         }
         other => Err(format!("{other:?} instead of a LogInfo")),
     }

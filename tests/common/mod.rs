@@ -38,6 +38,18 @@ use tempfile::TempDir;
 pub mod node;
 pub mod proxy;
 pub mod target;
+pub mod workload;
+
+/// The address in a daemon's "listening on ADDR" line, once the whole line is in its log (the
+/// log may be read while the line is half written: found by a CI run).
+pub fn listening_on(log: &str) -> Option<std::net::SocketAddr> {
+    let at = log.find("listening on ")?;
+    let line = log[at + "listening on ".len()..].split_inclusive('\n').next()?;
+    if !line.ends_with('\n') {
+        return None;
+    }
+    Some(line.trim().parse().unwrap_or_else(|e| panic!("`{line}` is no address: {e}")))
+}
 
 /// How long `start` waits for the mount to appear.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -82,10 +82,8 @@ impl TargetProc {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = self.log();
-            if let Some(at) = log[before..].find("listening on ") {
-                let rest = &log[before + at + "listening on ".len()..];
-                let addr = rest.split_whitespace().next().unwrap();
-                self.addr = addr.parse().unwrap();
+            if let Some(addr) = super::listening_on(&log[before..]) {
+                self.addr = addr;
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {

@@ -963,6 +963,10 @@ pub mod control {
         /// a mix of states until its log is applied below `lsn` (a resync's read end); 0 when
         /// it shows the primary's tree at one LSN.
         MixedUntil { lsn: u64 },
+        /// Catch-up tool to target (1.3): your log holds every record below `end_lsn`; apply
+        /// them all (transactions without an outcome by the failover rule), checkpoint, reply
+        /// `LogInfo`. A target also serves `ReadLog` (answered as a bunker does) to the tool.
+        ApplyLog { end_lsn: u64 },
     }
 
     /// An object as a resync describes it (the primary's file id; the rest as `stat` says).
