@@ -154,7 +154,10 @@ fn async_bunker_loss_is_bounded_by_its_reported_lag() {
     // the writeback cache splitting a record over two pages.
     let after_sample = acked - last.1;
     let bound = last.0 + 2 * (after_sample + 4);
-    eprintln!("async: acked {acked}, present {present}, lost {lost}, last lag {} records, {after_sample} acked after it", last.0);
+    eprintln!(
+        "async: acked {acked}, present {present}, lost {lost}, last lag {} records, {after_sample} acked after it",
+        last.0
+    );
     assert!(lost <= bound, "lost {lost} acknowledged records, more than the reported lag allows ({bound})");
     drop(s.proxy);
     drop(s.base);
@@ -163,14 +166,7 @@ fn async_bunker_loss_is_bounded_by_its_reported_lag() {
 #[test]
 fn bunker_lost_in_sync_mode_degrades_then_catches_up_and_nothing_acknowledged_is_lost() {
     let mut s = setup("sync");
-    s.primary.restart_with(&[
-        "--target",
-        &s.proxy.url(),
-        "--bunker",
-        &s.bunker.url(),
-        "--bunker-timeout",
-        "1s",
-    ]);
+    s.primary.restart_with(&["--target", &s.proxy.url(), "--bunker", &s.bunker.url(), "--bunker-timeout", "1s"]);
     wait_bunker_in_sync(&s.primary.journal);
     let w = Workload::start(&s.primary.mnt);
     sleep(Duration::from_secs(1));

@@ -146,8 +146,17 @@ fn failback_refuses_bad_directories_and_creates_nothing() {
     // Not a journal.
     let (ok, text) = run(&["failback", "--journal", &s, "--backing", &b, "--state", &s, "--listen", "127.0.0.1:0"]);
     assert!(!ok, "{text}");
-    let (ok, text) =
-        run(&["failback", "--journal", &j, "--backing", &b, "--state", "/nonexistent-state", "--listen", "127.0.0.1:0"]);
+    let (ok, text) = run(&[
+        "failback",
+        "--journal",
+        &j,
+        "--backing",
+        &b,
+        "--state",
+        "/nonexistent-state",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert!(!ok && text.contains("--state"), "{text}");
     assert!(fs::read_dir(&state).unwrap().next().is_none(), "something was created in --state");
     assert!(!inside.exists());
@@ -167,7 +176,10 @@ fn a_target_left_mixed_by_a_resync_is_not_promoted_without_allow_mixed() {
     assert!(before.contains("directory mixed by a resync until LSN 1000000"), "{before}");
     let (ok, text) = run(&["failover", "--bunker", &bunker.url(), "--target", &target.url()]);
     assert!(!ok, "a mixed directory was promoted: {text}");
-    assert!(text.contains("--allow-mixed") && text.contains("LSN 1000000") && text.contains("Nothing was changed"), "{text}");
+    assert!(
+        text.contains("--allow-mixed") && text.contains("LSN 1000000") && text.contains("Nothing was changed"),
+        "{text}"
+    );
     assert_eq!(target_view(&bunker.url(), &target.url(), &["--allow-mixed"]), before, "the refusal changed something");
     // The operator's override: promoted, and the record of the mix is gone with it.
     let (ok, text) = run(&["failover", "--bunker", &bunker.url(), "--target", &target.url(), "--allow-mixed"]);

@@ -351,9 +351,9 @@ fn three_healthy_targets_keep_their_logs_from_the_watermark_and_never_overflow()
         let st = status(&m.journal);
         let targets = st["targets"].as_array().unwrap().clone();
         let next = st["journal"]["next_lsn"].as_u64().unwrap();
-        let settled = targets.iter().all(|t| {
-            t["watermark_lsn"].as_u64() == Some(next - 1) && t["log_next_lsn"].as_u64() == Some(next)
-        });
+        let settled = targets
+            .iter()
+            .all(|t| t["watermark_lsn"].as_u64() == Some(next - 1) && t["log_next_lsn"].as_u64() == Some(next));
         if settled || Instant::now() > deadline {
             break st;
         }

@@ -11,10 +11,10 @@ use super::common;
 use super::replication::read_key;
 use crate::net::conn::{self, NetError, Reader, Writer};
 use crate::os::storage::DirStorage;
+use crate::proto::wire::MINOR_RESYNC_READ;
 use crate::proto::wire::control::ControlMsg;
 use crate::proto::wire::{Frame, HandshakeConfig, Key, Role};
 use crate::replica::bunker::BunkerCore;
-use crate::proto::wire::MINOR_RESYNC_READ;
 use crate::replica::failover::{IncompleteScan, LogView, Overrides, Plan, plan};
 use crate::types::Lsn;
 
@@ -125,9 +125,15 @@ pub fn run(a: FailoverArgs) -> Result<()> {
         t.epoch,
         t.next_lsn,
         if t.promoted { ", promoted" } else { "" },
-        if t.mixed_until > 0 { format!(", directory mixed by a resync until LSN {}", t.mixed_until) } else { String::new() }
+        if t.mixed_until > 0 {
+            format!(", directory mixed by a resync until LSN {}", t.mixed_until)
+        } else {
+            String::new()
+        }
     );
-    let (from, bunker_next, end, epoch) = match plan(b, t, Overrides { live_primary: a.force, mixed: a.allow_mixed }).map_err(anyhow::Error::msg)? {
+    let (from, bunker_next, end, epoch) = match plan(b, t, Overrides { live_primary: a.force, mixed: a.allow_mixed })
+        .map_err(anyhow::Error::msg)?
+    {
         Plan::AlreadyDone { epoch, end_lsn } => {
             println!(
                 "already failed over: {} is the primary of epoch {epoch} and holds every record below LSN {end_lsn}; \

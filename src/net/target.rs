@@ -506,10 +506,7 @@ async fn blocking<R: Send + 'static, E: std::fmt::Display + Send + 'static>(
 
 /// The async side of the handshake (targets and bunkers): the established peer and any
 /// bytes read past the handshake.
-pub(super) async fn handshake(
-    sock: &mut TcpStream,
-    cfg: HandshakeConfig,
-) -> Result<(Established, Vec<u8>), String> {
+pub(super) async fn handshake(sock: &mut TcpStream, cfg: HandshakeConfig) -> Result<(Established, Vec<u8>), String> {
     let mut hs = Handshake::new(cfg);
     let mut buf = [0u8; 4096];
     loop {

@@ -81,7 +81,8 @@ pub fn plan(peers: &[Peer], names: &[String], force: bool) -> Result<Plan, Strin
         }
     }
     // The first of the most advanced, so the choice is stable across runs.
-    let advanced = (0..peers.len()).fold(0, |best, i| if peers[i].view.next_lsn > peers[best].view.next_lsn { i } else { best });
+    let advanced =
+        (0..peers.len()).fold(0, |best, i| if peers[i].view.next_lsn > peers[best].view.next_lsn { i } else { best });
     let adv = peers[advanced].view;
     let end = adv.next_lsn;
     let actions = peers

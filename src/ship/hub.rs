@@ -605,7 +605,8 @@ mod tests {
     #[test]
     fn the_watermark_is_the_least_ack_of_the_targets_that_hold_it() {
         let (core, _, _) = primary();
-        let maps = ["tcp://a:1", "tcp://b:1", "tcp://c:1"].map(|u| (u.to_string(), Lsn(0), SyncMap::new_in_sync(Lsn(1))));
+        let maps =
+            ["tcp://a:1", "tcp://b:1", "tcp://c:1"].map(|u| (u.to_string(), Lsn(0), SyncMap::new_in_sync(Lsn(1))));
         let mut maps = maps.to_vec();
         maps.push((PROMOTION_LINK.to_string(), Lsn(0), SyncMap::new_in_sync(Lsn(1))));
         let hub = Hub::new(core.journal.clone(), maps);

@@ -26,7 +26,10 @@ pub enum Event {
     DirtyMap(Vec<u8>, bool),
     /// Where the target's log stands (its `LogInfo`, the answer to a `Watermark`): the oldest
     /// record it holds and the next it expects.
-    TargetLog { start: u64, next: u64 },
+    TargetLog {
+        start: u64,
+        next: u64,
+    },
     Closed(String),
 }
 

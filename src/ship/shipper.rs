@@ -24,8 +24,8 @@ use super::source::Source;
 use crate::format::ops::NodeKind;
 use crate::io::Storage;
 use crate::journal::{CursorError, LogCursor};
-use crate::proto::wire::{Frame, MINOR_RESYNC_READ, MINOR_WATERMARK};
 use crate::proto::wire::control::{ControlMsg, NodeDesc};
+use crate::proto::wire::{Frame, MINOR_RESYNC_READ, MINOR_WATERMARK};
 use crate::syncmap::{Mode, ResyncPlan};
 use crate::types::{FileId, Lsn};
 
@@ -238,7 +238,7 @@ impl<S: Storage> Shipper<S> {
         let ours = self.hub.since_promotion();
         let Some((fork, since)) = ours else {
             tracing::warn!(
-                "target {} is an old primary failing back, but this primary's journal holds no record of the                  promotion that made it (or its since-promotion map): a full resync follows",
+                "target {} is an old primary failing back, but this primary's journal holds no record of the promotion that made it (or its since-promotion map): a full resync follows",
                 self.link.url
             );
             let mut st = self.link.lock();
@@ -299,7 +299,7 @@ impl<S: Storage> Shipper<S> {
             }
             if started.elapsed() > MIRROR_WAIT_MAX {
                 tracing::warn!(
-                    "target {}: the resync read the tree up to LSN {}, and the bunker has not acknowledged the                      records up to there within {MIRROR_WAIT_MAX:?}; the resync ends anyway (until the target                      applies them, a failover from the bunker would have to be forced)",
+                    "target {}: the resync read the tree up to LSN {}, and the bunker has not acknowledged the records up to there within {MIRROR_WAIT_MAX:?}; the resync ends anyway (until the target applies them, a failover from the bunker would have to be forced)",
                     self.link.url,
                     read_end.0
                 );

@@ -307,7 +307,9 @@ impl Model {
         let mut out = String::new();
         for (path, v) in have.iter().filter(|(p, v)| want.get(*p) != Some(*v)) {
             let same: Vec<u64> = self.states.iter().filter(|(_, l)| l.get(path) == Some(v)).map(|(l, _)| *l).collect();
-            out += &format!("\n  {path}: the target's version is the primary's below LSNs {same:?}; the primary's versions:");
+            out += &format!(
+                "\n  {path}: the target's version is the primary's below LSNs {same:?}; the primary's versions:"
+            );
             let mut prev: Option<&Vec<u8>> = None;
             for (lsn, l) in &self.states {
                 let Some((_, bytes)) = l.get(path) else { continue };

@@ -438,7 +438,10 @@ fn the_table_shows_the_watermark_each_targets_log_and_who_holds_it_back() {
     let text = render_table(&r);
     assert!(text.contains("all-acked watermark: lsn 40000"), "{text}");
     assert!(text.contains(&format!("{a}: sent 52311, acked 52311, its log holds lsn 40001..52312\n")), "{text}");
-    assert!(text.contains(&format!("{b}: sent 0, acked 40000, its log: not reported, holds the watermark back")), "{text}");
+    assert!(
+        text.contains(&format!("{b}: sent 0, acked 40000, its log: not reported, holds the watermark back")),
+        "{text}"
+    );
     r.targets[1].timed_out = true;
     assert!(render_table(&r).contains("TIMED OUT (--target-timeout)"));
     // One target: no watermark lines (its own acks are the watermark).
