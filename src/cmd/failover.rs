@@ -21,7 +21,7 @@ use crate::types::Lsn;
 /// How long a peer may stay silent (no frame, no heartbeat) during a failover.
 const SILENCE_MAX: Duration = Duration::from_secs(30);
 /// How long to wait for the bunker and the target to notice a dead primary's silence.
-const NOTICE_WAIT: Duration = Duration::from_secs(10);
+pub(super) const NOTICE_WAIT: Duration = Duration::from_secs(10);
 /// Records per block moved from the bunker to the target (the bunker's frames).
 const BLOCK_BYTES: usize = 1 << 20;
 
@@ -64,9 +64,14 @@ pub struct FailoverArgs {
     /// mirror.
     #[arg(long, value_name = "URL")]
     pub bunker: String,
-    /// The mirror target to bring up to date and promote: `tcp://HOST:PORT` (a `ferryfs target`).
+    /// A mirror target: `tcp://HOST:PORT` (a `ferryfs target`). One: it is brought up to date
+    /// and promoted. Several (repeat the flag): the most advanced gets the bunker's records,
+    /// the others are leveled from its log (`ferryfs catchup`), then --promote is promoted.
+    #[arg(long = "target", value_name = "URL", required = true)]
+    pub targets: Vec<String>,
+    /// With several --target: the one to promote (default: the first given).
     #[arg(long, value_name = "URL")]
-    pub target: String,
+    pub promote: Option<String>,
     /// Say what would be sent; change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -83,8 +88,15 @@ pub struct FailoverArgs {
 }
 
 pub fn run(a: FailoverArgs) -> Result<()> {
+    if a.targets.len() > 1 {
+        return super::failover_several::run(&a);
+    }
+    if let Some(p) = a.promote.as_ref().filter(|p| **p != a.targets[0]) {
+        bail!("--promote {p} is not the --target given ({})", a.targets[0]);
+    }
+    let target_url = &a.targets[0];
     let key = a.key.as_deref().map(read_key).transpose()?;
-    let target_addr = tcp_addr("--target", &a.target)?;
+    let target_addr = tcp_addr("--target", target_url)?;
     let mut bunker: Box<dyn BunkerSide> = match a.bunker.strip_prefix("tcp://") {
         Some(_) => Box::new(TcpBunker::connect(tcp_addr("--bunker", &a.bunker)?, key.clone())?),
         None => Box::new(DirBunker::open(&a.bunker)?),
@@ -105,7 +117,7 @@ pub fn run(a: FailoverArgs) -> Result<()> {
         bail!(
             "the bunker ({}) and the target ({}) belong to different replication sets ({} and {}); nothing was changed",
             a.bunker,
-            a.target,
+            target_url,
             hex(&bunker.set_id()),
             hex(&target.set_id)
         );
@@ -121,7 +133,7 @@ pub fn run(a: FailoverArgs) -> Result<()> {
     );
     eprintln!(
         "target {}: epoch {}, log holds records below {}{}{}",
-        a.target,
+        target_url,
         t.epoch,
         t.next_lsn,
         if t.promoted { ", promoted" } else { "" },
@@ -138,7 +150,7 @@ pub fn run(a: FailoverArgs) -> Result<()> {
             println!(
                 "already failed over: {} is the primary of epoch {epoch} and holds every record below LSN {end_lsn}; \
                  nothing to do",
-                a.target
+                target_url
             );
             return Ok(());
         }
@@ -201,7 +213,7 @@ pub fn run(a: FailoverArgs) -> Result<()> {
     println!(
         "failover complete: {} is the primary of epoch {} and holds every record below LSN {} (applied {}); \
          {} records ({}) came from the bunker in {:.1}s",
-        a.target,
+        target_url,
         promoted.epoch,
         end,
         promoted.next_lsn,
@@ -216,7 +228,7 @@ pub fn run(a: FailoverArgs) -> Result<()> {
     Ok(())
 }
 
-fn report_incomplete(scan: &IncompleteScan) {
+pub(super) fn report_incomplete(scan: &IncompleteScan) {
     let open = scan.incomplete();
     if open.is_empty() {
         println!("incomplete transactions among the moved records: none");
@@ -332,7 +344,7 @@ fn control(r: &mut Reader, who: &str) -> Result<ControlMsg> {
 
 // ----- the bunker's side --------------------------------------------------------------------
 
-trait BunkerSide {
+pub(super) trait BunkerSide {
     fn set_id(&self) -> [u8; 16];
     fn view(&mut self) -> LogView;
     fn fence(&mut self, epoch: u64) -> Result<()>;
@@ -340,7 +352,7 @@ trait BunkerSide {
     fn read(&mut self, from: Lsn, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>;
 }
 
-struct TcpBunker {
+pub(super) struct TcpBunker {
     reader: Reader,
     writer: Writer,
     set_id: [u8; 16],
@@ -348,7 +360,7 @@ struct TcpBunker {
 }
 
 impl TcpBunker {
-    fn connect(addr: SocketAddr, key: Option<Key>) -> Result<TcpBunker> {
+    pub(super) fn connect(addr: SocketAddr, key: Option<Key>) -> Result<TcpBunker> {
         let (mut reader, writer, est) = conn::connect(addr, handshake_cfg(key), Duration::from_secs(5))
             .with_context(|| format!("connecting to the bunker at {addr}"))?;
         if est.peer.role != Role::Bunker {
@@ -380,12 +392,12 @@ impl BunkerSide for TcpBunker {
 }
 
 /// A `--bunker DIR` mirror, read in this process.
-struct DirBunker {
+pub(super) struct DirBunker {
     core: BunkerCore<DirStorage>,
 }
 
 impl DirBunker {
-    fn open(dir: &str) -> Result<DirBunker> {
+    pub(super) fn open(dir: &str) -> Result<DirBunker> {
         let dir = common::existing_dir("--bunker", Path::new(dir))?;
         let core = BunkerCore::open(DirStorage::new(&dir))
             .map_err(|e| anyhow::anyhow!("--bunker {}: not a bunker's journal copy: {e}", dir.display()))?;
@@ -461,7 +473,7 @@ impl TcpTarget {
         Ok(TcpTarget { reader, writer, set_id: est.peer.set_id, view, unacked: 0, acked: None })
     }
 
-    fn fence(&mut self, epoch: u64) -> Result<()> {
+    pub(super) fn fence(&mut self, epoch: u64) -> Result<()> {
         self.writer.send(&Frame::Control(ControlMsg::Fence { epoch }))?;
         let mixed_until = self.view.mixed_until;
         self.view = LogView { mixed_until, ..log_view(control(&mut self.reader, "the target")?, "the target")? };
@@ -517,7 +529,7 @@ impl TcpTarget {
         Ok(())
     }
 
-    fn promote(&mut self, epoch: u64, end: u64) -> Result<LogView> {
+    pub(super) fn promote(&mut self, epoch: u64, end: u64) -> Result<LogView> {
         self.writer.send(&Frame::Control(ControlMsg::Promote { epoch, end_lsn: end }))?;
         let v = log_view(control(&mut self.reader, "the target")?, "the target")?;
         if !v.promoted || v.epoch < epoch {

@@ -6,6 +6,7 @@ pub mod common;
 pub mod demo;
 pub mod failback;
 pub mod failover;
+pub mod failover_several;
 pub mod inspect;
 pub mod mount;
 pub mod replay;

@@ -277,6 +277,26 @@ impl<T: Tree> Applier<T> {
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if !exchange && self.names(&to, new_parent, new_name, id)? {
+            // Both names are links to the object here. On the primary the new name was free
+            // (or another object's): a resync read the new name's directory after this rename
+            // and the old one's before it, so it made both names (found by the two-targets
+            // replication test). The primary's rename took the old name away: so does this.
+            // (Were they links to one object there too, `replaced` is `id` and the rename did
+            // nothing.)
+            if replaced == id {
+                return Ok(Applied::Already);
+            }
+            let old = self.lookup(&from, name, || format!("looking up {parent}/{}", show(name)))?;
+            let is_dir = match old {
+                Some(n) => self.kind_of(&n)? == NodeKind::Dir,
+                None => false,
+            };
+            let what = || format!("removing {parent}/{} (renamed to {new_parent}/{})", show(name), show(new_name));
+            self.tree.unlink(&from, name, is_dir).map_err(on_err(what))?;
+            self.remember(id, &to, new_name)?;
+            return Ok(Applied::Done);
+        }
         let target_ok = if self.exists(&to, new_parent, new_name)? {
             !noreplace && replaced != FileId::NONE && self.names(&to, new_parent, new_name, replaced)?
         } else {

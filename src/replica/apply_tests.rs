@@ -646,7 +646,35 @@ macro_rules! both {
     };
 }
 
+/// A resync read a file's new directory after the primary renamed it there, and its old one
+/// before: the target has both names (hard links). The rename's record, applied after, takes
+/// the old name away, as the rename did on the primary (the two-targets replication test
+/// found the extra name). Were both names links already on the primary (`replaced` is the
+/// object itself), the rename did nothing there and does nothing here.
+fn rename_onto_a_link_of_itself_that_a_resync_made_removes_the_old_name<T: Backend>() {
+    use NodeKind::*;
+    let (tree, _dir) = T::fresh();
+    let mut a = Applier::new(tree, SET, IdSnapshot::default());
+    for step in
+        [create(1, "q", 20, Dir, 0o755, 0), create(1, "r", 21, Dir, 0o755, 0), create(20, "n51", 22, File, 0o644, 0)]
+    {
+        assert_eq!(apply(&mut a, &step), Applied::Done);
+    }
+    let link = Step::Op(Op::Link { id: FileId(22), new_parent: FileId(21), new_name: b"n95".to_vec() });
+    assert_eq!(apply(&mut a, &link), Applied::Done);
+    let both = listing(a.tree());
+    // The primary's rename of a link onto another link of the same file: nothing changes.
+    assert_eq!(apply(&mut a, &rename(20, "n51", 21, "n95", 0, 22, 22)), Applied::Already);
+    assert_eq!(listing(a.tree()), both);
+    // The primary's rename to a free name: the old name goes.
+    assert_eq!(apply(&mut a, &rename(20, "n51", 21, "n95", 0, 22, 0)), Applied::Done);
+    let after = listing(a.tree());
+    assert!(!after.contains_key("/q/n51") && after.contains_key("/r/n95"), "{after:#?}");
+    assert_eq!(apply(&mut a, &rename(20, "n51", 21, "n95", 0, 22, 0)), Applied::Already);
+}
+
 both!(
+    rename_onto_a_link_of_itself_that_a_resync_made_removes_the_old_name,
     sequence_gives_the_expected_tree_and_applying_twice_changes_nothing,
     every_crash_point_and_stale_snapshot_converge,
     namespace_ops_applied_twice_report_already_or_skipped,

@@ -151,6 +151,9 @@ impl<S: Storage> Shipper<S> {
             let cursor = self.failback(s)?;
             return self.ship(s, cursor);
         }
+        if let Some(cursor) = self.sibling(s)? {
+            return self.ship(s, cursor);
+        }
         let resume = {
             let mut st = self.link.lock();
             st.released = false;
@@ -229,6 +232,56 @@ impl<S: Storage> Shipper<S> {
         journal.cursor_at(plan.resume_from).map_err(|e| format!("after the resync: {e}"))
     }
 
+    /// A target new to this primary that was leveled with it at the failover that promoted it
+    /// (design §5, "Several targets"; `ferryfs failover` with several `--target`s): same
+    /// epoch, its log and directory exactly at the promotion's fork. Its history is ours up to
+    /// there, so it follows without a full copy: ordered from the fork when the journal still
+    /// holds it, else a resync of the locations changed since the promotion (the
+    /// since-promotion map). `None` when the target is no such sibling.
+    fn sibling(&self, s: &mut dyn Session) -> Result<Option<LogCursor>, String> {
+        let pos = s.position();
+        let journal = self.hub.journal();
+        let Some((fork, _)) = self.hub.since_promotion() else { return Ok(None) };
+        let leveled = pos.epoch == journal.epoch() && pos.next_lsn == fork && pos.applied_next == fork;
+        if !leveled || !self.link.lock().map.full_resync_owed() {
+            return Ok(None);
+        }
+        let ordered = journal.cursor_at(Lsn(fork));
+        {
+            let mut st = self.link.lock();
+            // Under this link's lock, so that no write's marks fall between the maps: what it
+            // marked here already (the old map) or in the since-promotion map is in the new
+            // one; what it marks after goes to the new one.
+            let since = self.hub.since_promotion().map(|(_, m)| m).unwrap_or_default();
+            let now = Lsn(journal.next_lsn().0.saturating_sub(1).max(fork));
+            let mut map = crate::syncmap::SyncMap::new_in_sync(Lsn(fork)).with_limits(st.map.limits());
+            if ordered.is_err() {
+                map.fall_back();
+            }
+            // Tagged with the newest LSN: cleared only once the target holds everything up to now.
+            map.mark_locations_of(&since, now);
+            map.mark_locations_of(&st.map, now);
+            let how = if ordered.is_ok() {
+                "in order from there".to_string()
+            } else {
+                format!("after a resync of the {} blocks changed since", map.dirty_blocks())
+            };
+            eprintln!(
+                "ferryfs: target {} was leveled with this node when it was promoted (epoch {}, LSN {fork}): it \
+                 follows {how}, without a full copy",
+                self.link.url, pos.epoch
+            );
+            st.map = map;
+        }
+        if let Err(e) = self.hub.persist_link(&self.link) {
+            tracing::error!("{e}");
+        }
+        match ordered {
+            Ok(c) => Ok(Some(c)),
+            Err(_) => self.resync(s).map(Some),
+        }
+    }
+
     /// Failback (design §5): the target is this set's old primary, its history forked from
     /// ours at the promotion that made us primary. It is resynchronized from the locations
     /// either side changed since the fork — its own changes (it sends them as a `DirtyMap`
@@ -273,6 +326,8 @@ impl<S: Storage> Shipper<S> {
             map.fall_back();
             map.mark_all_of(&since, Lsn(fork));
             map.mark_all_of(&theirs, Lsn(fork));
+            // What writes marked here since `since` was taken (they may not be in it yet).
+            map.mark_locations_of(&st.map, Lsn(fork));
             tracing::info!(
                 "target {}: failback from fork LSN {fork}: {} blocks changed there, {} here, {} to send",
                 self.link.url,

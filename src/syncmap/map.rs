@@ -211,6 +211,12 @@ impl SyncMap {
         if other.full_resync_owed() {
             self.require_full_resync();
         }
+        self.mark_locations_of(other, lsn);
+    }
+
+    /// [`SyncMap::mark_all_of`] without the full resync `other` may owe: only the locations
+    /// it marks.
+    pub fn mark_locations_of(&mut self, other: &SyncMap, lsn: Lsn) {
         for file in other.dirty_files() {
             for range in other.dirty_ranges(file) {
                 self.mark_blocks(lsn, file, range);
