@@ -204,6 +204,14 @@ fn a_cut_with_a_primary_restart_resyncs_only_the_marked_blocks() {
     wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
 
     proxy.cut();
+    // The shipper writes the map (with every ack so far) when it notices the cut, before it
+    // shows `disconnected`; a kill before that would leave the map of the last 2 s timer, and
+    // the restart would mark again every record since (found in a loaded CI run).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&m.journal)["targets"][0]["state"] != "disconnected" {
+        assert!(Instant::now() < deadline, "the cut was not noticed");
+        sleep(Duration::from_millis(20));
+    }
     let f = OpenOptions::new().write(true).open(&big).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(seed());
     for _ in 0..200 {
@@ -369,4 +377,52 @@ fn three_healthy_targets_keep_their_logs_from_the_watermark_and_never_overflow()
         let log = proc_.log();
         assert!(!log.contains("log is full"), "a target's log overflowed: {log}");
     }
+}
+
+/// Issue 6 point 2: a target cut for longer than --target-timeout stops holding the all-acked
+/// watermark back: the watermark moves on, the other target's log frees what it held for it,
+/// and the cut target, healed, converges from its sync map (a resync, not the records).
+#[test]
+fn a_target_cut_past_the_target_timeout_stops_holding_the_watermark_and_resyncs_after() {
+    let t1 = TargetProc::start(&["--log-size", "64M"]);
+    let t2 = TargetProc::start(&[]);
+    let p2 = FaultProxy::start(t2.addr);
+    let m = mount_with(&[t1.url(), p2.url()], &["--target-timeout", "2s"]);
+    fs::write(m.mnt.join("before"), pattern(1, 1 << 20)).unwrap();
+    sync_mount(&m);
+    wait_converged(&m.journal, &m.backing, &[&t1.dir, &t2.dir], CONVERGE);
+    let cut_at = status(&m.journal)["targets"][1]["acked_lsn"].as_u64().unwrap();
+    p2.cut();
+    // Enough for the first target's log to fill a few segments past the cut.
+    for i in 0..48u64 {
+        fs::write(m.mnt.join(format!("during{}", i % 8)), pattern(100 + i, 1 << 20)).unwrap();
+        if i % 8 == 7 {
+            sync_mount(&m);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let st = status(&m.journal);
+        let (a, b) = (&st["targets"][0], &st["targets"][1]);
+        let moved = a["log_start_lsn"].as_u64().unwrap_or(0) > cut_at + 1;
+        if b["timed_out"] == true && st["targets"][0]["watermark_lsn"].as_u64().unwrap() > cut_at && moved {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the cut target still holds the watermark back: {st:#}");
+        sleep(Duration::from_millis(200));
+    };
+    assert!(render(&m).contains("TIMED OUT"), "{}", render(&m));
+    assert_eq!(st["targets"][1]["state"], "disconnected", "{st:#}");
+    let resync_before = st["targets"][1]["bytes_resync"].as_u64().unwrap();
+    p2.heal();
+    wait_converged(&m.journal, &m.backing, &[&t1.dir, &t2.dir], CONVERGE);
+    let st = status(&m.journal);
+    assert!(st["targets"][1]["bytes_resync"].as_u64().unwrap() > resync_before, "no resync after healing: {st:#}");
+    assert_eq!(st["targets"][1]["timed_out"], false, "{st:#}");
+}
+
+/// `ferryfs status` of the mount, as text.
+fn render(m: &Mount) -> String {
+    let out = common::ferryfs().args(["status", "--journal"]).arg(&m.journal).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -40,6 +40,8 @@ const SYNC_EVERY: Duration = Duration::from_millis(10);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// The all-acked watermark goes to each target at most this often (claim 002:1).
 const WATERMARK_EVERY: Duration = Duration::from_millis(100);
+/// An unchanged watermark goes again this often (the target answers with its log's state).
+const WATERMARK_REFRESH: Duration = Duration::from_secs(1);
 /// How long a resync's end waits for the bunker to hold the records up to its read end.
 const MIRROR_WAIT_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -646,12 +648,16 @@ impl Watermark {
         Watermark { enabled: minor >= MINOR_WATERMARK, sent: None, at: None }
     }
 
-    /// The `all_acked_lsn` to send now, if any (`below` is the hub's all-acked LSN).
+    /// The `all_acked_lsn` to send now, if any (`below` is the hub's all-acked LSN). An
+    /// unchanged one goes again every `WATERMARK_REFRESH`: the target's `LogInfo` answer keeps
+    /// the status of its log fresh (its checkpoints move the log's start in between).
     fn due(&mut self, below: Option<Lsn>) -> Option<u64> {
-        let below = below.filter(|b| self.enabled && b.0 > 1 && self.sent.is_none_or(|s| *b > s))?;
-        if self.at.is_some_and(|t| t.elapsed() < WATERMARK_EVERY) {
-            return None;
-        }
+        let since = self.at.map(|t| t.elapsed());
+        let moved =
+            since.is_none_or(|t| t >= WATERMARK_EVERY) && below.is_some_and(|b| self.sent.is_none_or(|s| b > s));
+        let refresh = since.is_some_and(|t| t >= WATERMARK_REFRESH);
+        let below = below.filter(|b| self.enabled && b.0 > 1 && (moved || refresh))?;
+        let below = self.sent.map_or(below, |s| below.max(s));
         self.sent = Some(below);
         self.at = Some(Instant::now());
         Some(below.0 - 1)
@@ -660,4 +666,27 @@ impl Watermark {
 
 fn gone(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESTALE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watermark_goes_when_it_moves_at_most_every_100_ms_and_again_every_second() {
+        let mut w = Watermark::new(MINOR_WATERMARK);
+        assert_eq!(w.due(None), None, "no target holds it");
+        assert_eq!(w.due(Some(Lsn(1))), None, "nothing acked yet");
+        assert_eq!(w.due(Some(Lsn(10))), Some(9));
+        assert_eq!(w.due(Some(Lsn(20))), None, "too soon");
+        std::thread::sleep(WATERMARK_EVERY);
+        assert_eq!(w.due(Some(Lsn(20))), Some(19));
+        std::thread::sleep(WATERMARK_EVERY);
+        assert_eq!(w.due(Some(Lsn(20))), None, "unchanged");
+        // A lower one (a target that came back) never takes it back.
+        w.at = Some(Instant::now() - WATERMARK_REFRESH);
+        assert_eq!(w.due(Some(Lsn(15))), Some(19), "refreshed, not lowered");
+        // An older target gets none.
+        assert_eq!(Watermark::new(MINOR_WATERMARK - 1).due(Some(Lsn(10))), None);
+    }
 }
