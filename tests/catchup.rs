@@ -132,3 +132,28 @@ fn catchup_refuses_targets_of_two_sets_and_a_wrong_key_and_changes_nothing() {
     assert_eq!(std::fs::read(a.dir.join("x")).unwrap(), b"data");
     assert_eq!(std::fs::read(b.dir.join("x")).unwrap(), b"data");
 }
+
+#[test]
+fn catchup_refuses_a_peer_that_serves_garbage_and_changes_nothing() {
+    let a = TargetProc::start(&[]);
+    let m = Mount::start_with(&["--target", &a.url()]);
+    std::fs::write(m.mnt.join("x"), b"data").unwrap();
+    std::fs::File::open(m.mnt.join("x")).unwrap().sync_all().unwrap();
+    common::target::wait_converged(&m.journal, &m.backing, &[&a.dir], Duration::from_secs(60));
+    drop(m);
+    // A "target" that answers every connection with bytes that are no hello.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let garbage = format!("tcp://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            use std::io::Write;
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nthis is not ferryfs at all, not even close");
+        }
+    });
+    let before = std::fs::read(a.dir.join("x")).unwrap();
+    let (code, text) = catchup(&[a.url(), garbage.clone()], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(&garbage), "the message does not name the bad peer:\n{text}");
+    assert_eq!(std::fs::read(a.dir.join("x")).unwrap(), before);
+    assert!(!a.log().contains("caught up"), "the good target applied something:\n{}", a.log());
+}
