@@ -336,15 +336,17 @@ fn replay_by_hand_keeps_what_a_target_lacks_in_its_map() {
     wait_converged(&m.journal, &m.backing, &[&t.dir], CONVERGE);
 }
 
-/// Issue 6 point 2, "log bound": three healthy targets with 64 MiB logs (the stated bound)
-/// take `FERRYFS_LOG_BOUND_MIB` (default 2048) MiB of writes. The all-acked watermark keeps
-/// moving, so every target's log frees what all have: its start moves on, and it never has to
-/// let records go for want of room (which it would say: "log is full").
+/// Issue 6 point 2, "log bound": three healthy targets with 256 MiB logs (the stated bound:
+/// twice the primary's 128 MiB journal, as `ferryfs target --help` asks for at least the
+/// journal's size) take `FERRYFS_LOG_BOUND_MIB` (default 2048) MiB of writes. The all-acked
+/// watermark keeps moving, so every target's log frees what all have: its start moves on, and
+/// it never has to let records go for want of room (which it would say: "log is full").
+/// Without the watermark's frees the first 256 MiB would fill it.
 #[test]
 fn three_healthy_targets_keep_their_logs_below_the_bound_while_2_gib_go_through() {
-    let ts: Vec<TargetProc> = (0..3).map(|_| TargetProc::start(&["--log-size", "64M"])).collect();
+    let ts: Vec<TargetProc> = (0..3).map(|_| TargetProc::start(&["--log-size", "256M"])).collect();
     let urls: Vec<String> = ts.iter().map(|t| t.url()).collect();
-    let m = mount_with(&urls, &[]);
+    let m = mount_with(&urls, &["--journal-size", "128M"]);
     let mib: u64 = std::env::var("FERRYFS_LOG_BOUND_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
     for i in 0..mib {
         fs::write(m.mnt.join(format!("f{}", i % 16)), pattern(i, 1 << 20)).unwrap();
@@ -386,10 +388,10 @@ fn three_healthy_targets_keep_their_logs_below_the_bound_while_2_gib_go_through(
 /// and the cut target, healed, converges from its sync map (a resync, not the records).
 #[test]
 fn a_target_cut_past_the_target_timeout_stops_holding_the_watermark_and_resyncs_after() {
-    let t1 = TargetProc::start(&["--log-size", "64M"]);
+    let t1 = TargetProc::start(&["--log-size", "256M"]);
     let t2 = TargetProc::start(&[]);
     let p2 = FaultProxy::start(t2.addr);
-    let m = mount_with(&[t1.url(), p2.url()], &["--target-timeout", "2s"]);
+    let m = mount_with(&[t1.url(), p2.url()], &["--target-timeout", "2s", "--journal-size", "128M"]);
     fs::write(m.mnt.join("before"), pattern(1, 1 << 20)).unwrap();
     sync_mount(&m);
     wait_converged(&m.journal, &m.backing, &[&t1.dir, &t2.dir], CONVERGE);

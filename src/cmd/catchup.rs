@@ -1,14 +1,16 @@
 //! `ferryfs catchup`: after the primary's loss, levels the mirror targets of one replication
 //! set at the most advanced one's end, from its own log (claims 002:5–6).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
 use super::common;
-use super::failover::{TcpTarget, hex, tcp_addr};
+use super::failover::{TcpTarget, hex, move_records, tcp_addr};
 use super::replication::read_key;
+use crate::proto::wire::Key;
 use crate::replica::catchup::{Action, BlocksWhy, Peer, plan};
 use crate::replica::failover::IncompleteScan;
 use crate::types::Lsn;
@@ -84,15 +86,7 @@ pub fn catch_up(urls: &[String], key: Option<&std::path::Path>, dry_run: bool, f
             bail!("--target {} is given twice", urls[i]);
         }
     }
-    let connect_all = || -> Result<Vec<TcpTarget>> {
-        addrs
-            .iter()
-            .zip(urls)
-            .map(|(addr, url)| {
-                TcpTarget::connect(*addr, key.clone()).map_err(|e| anyhow::anyhow!("--target {url}: {e:#}"))
-            })
-            .collect()
-    };
+    let connect_all = || connect_all(&addrs, urls, &key);
     // A primary killed a moment ago is still "connected" until the targets notice the silence
     // (a few seconds): ask again for a while before refusing.
     let patience = Instant::now() + NOTICE_WAIT;
@@ -183,28 +177,20 @@ pub fn catch_up(urls: &[String], key: Option<&std::path::Path>, dry_run: bool, f
     Ok(Leveled { end, behind })
 }
 
+/// Connects to every target, as a failover tool; an error names the target.
+pub(super) fn connect_all(addrs: &[SocketAddr], urls: &[String], key: &Option<Key>) -> Result<Vec<TcpTarget>> {
+    addrs
+        .iter()
+        .zip(urls)
+        .map(|(addr, url)| TcpTarget::connect(*addr, key.clone()).map_err(|e| anyhow::anyhow!("--target {url}: {e:#}")))
+        .collect()
+}
+
 /// Streams records `[from, end)` from target `src`'s log to target `dst`; returns how many
 /// records and bytes.
 fn relay(targets: &mut [TcpTarget], src: usize, dst: usize, from: u64, end: u64) -> Result<(u64, u64)> {
     let (a, b) = if src < dst { targets.split_at_mut(dst) } else { targets.split_at_mut(src) };
     let (source, sink) = if src < dst { (&mut a[src], &mut b[0]) } else { (&mut b[0], &mut a[dst]) };
-    let bar = common::progress_bar("moving records");
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("moving records {pos}/{len} [{bar:30}] {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_length(end - from);
-    let mut scan = IncompleteScan::default();
-    source.read_log(Lsn(from), &mut |block| {
-        scan.feed(block);
-        sink.send_block(block)?;
-        bar.set_position(scan.records);
-        Ok(())
-    })?;
-    if scan.records != end - from {
-        bail!("the most advanced target sent {} records of LSN {from}..{end}", scan.records);
-    }
-    sink.wait_acked(Lsn(end - 1))?;
-    bar.finish_and_clear();
+    let scan = move_records(&mut |at, out| source.read_log(at, out), sink, from, end)?;
     Ok((scan.records, scan.bytes))
 }

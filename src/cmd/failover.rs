@@ -187,23 +187,7 @@ pub fn run(a: FailoverArgs) -> Result<()> {
         bail!("the bunker no longer holds record {from}; the target was fenced at epoch {epoch} but not changed");
     }
     let started = Instant::now();
-    let mut scan = IncompleteScan::default();
-    if to_move > 0 {
-        let bar = common::progress_bar("moving records");
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("moving records {pos}/{len} [{bar:30}] {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_length(to_move);
-        bunker.read(Lsn(from), &mut |block| {
-            scan.feed(block);
-            target.send_block(block)?;
-            bar.set_position(scan.records);
-            Ok(())
-        })?;
-        target.wait_acked(Lsn(bunker_next - 1))?;
-        bar.finish_and_clear();
-    }
+    let scan = move_records(&mut |at, sink| bunker.read(at, sink), &mut target, from, bunker_next)?;
     let moved = started.elapsed();
     eprintln!(
         "moved {} records ({}) in {:.1}s; promoting the target (it applies its log to its directory)",
@@ -229,6 +213,39 @@ pub fn run(a: FailoverArgs) -> Result<()> {
          ferryfs mount MNT --backing <its --dir> --journal <its --state>/log"
     );
     Ok(())
+}
+
+/// Moves the records `[from, end)` that `read` gives (a bunker's or a target's log, in
+/// blocks, from an LSN on) to `sink`, with a progress bar, and waits until it holds them all
+/// durably. Returns what moved (records, bytes, incomplete operations).
+pub(super) fn move_records(
+    read: &mut dyn FnMut(Lsn, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    sink: &mut TcpTarget,
+    from: u64,
+    end: u64,
+) -> Result<IncompleteScan> {
+    let mut scan = IncompleteScan::default();
+    if end <= from {
+        return Ok(scan);
+    }
+    let bar = common::progress_bar("moving records");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("moving records {pos}/{len} [{bar:30}] {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_length(end - from);
+    read(Lsn(from), &mut |block| {
+        scan.feed(block);
+        sink.send_block(block)?;
+        bar.set_position(scan.records);
+        Ok(())
+    })?;
+    if scan.records != end - from {
+        bail!("{} records of LSN {from}..{end} came to be moved", scan.records);
+    }
+    sink.wait_acked(Lsn(end - 1))?;
+    bar.finish_and_clear();
+    Ok(scan)
 }
 
 pub(super) fn report_incomplete(scan: &IncompleteScan) {

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use super::catchup::catch_up;
+use super::catchup::{catch_up, connect_all};
 use super::common;
 use super::failover::{
-    BunkerSide, DirBunker, FailoverArgs, NOTICE_WAIT, TcpBunker, TcpTarget, hex, report_incomplete, tcp_addr,
+    BunkerSide, DirBunker, FailoverArgs, NOTICE_WAIT, TcpBunker, TcpTarget, hex, move_records, report_incomplete,
+    tcp_addr,
 };
 use super::replication::read_key;
-use crate::replica::failover::{IncompleteScan, Overrides, Plan, plan};
-use crate::types::Lsn;
+use crate::replica::failover::{Overrides, Plan, plan};
 
 pub fn run(a: &FailoverArgs) -> Result<()> {
     let key = a.key.as_deref().map(read_key).transpose()?;
@@ -38,15 +38,7 @@ pub fn run(a: &FailoverArgs) -> Result<()> {
             None => Box::new(DirBunker::open(&a.bunker)?),
         })
     };
-    let connect_targets = || -> Result<Vec<TcpTarget>> {
-        addrs
-            .iter()
-            .zip(urls)
-            .map(|(addr, url)| {
-                TcpTarget::connect(*addr, key.clone()).map_err(|e| anyhow::anyhow!("--target {url}: {e:#}"))
-            })
-            .collect()
-    };
+    let connect_targets = || connect_all(&addrs, urls, &key);
     let mut bunker = connect_bunker()?;
     let mut targets = connect_targets()?;
     let patience = Instant::now() + NOTICE_WAIT;
@@ -121,15 +113,7 @@ pub fn run(a: &FailoverArgs) -> Result<()> {
         bail!("the bunker no longer holds record {from}; the targets were fenced at epoch {epoch} but not changed");
     }
     let started = Instant::now();
-    let mut scan = IncompleteScan::default();
-    if to_move > 0 {
-        let t = &mut targets[adv];
-        bunker.read(Lsn(from), &mut |block| {
-            scan.feed(block);
-            t.send_block(block)
-        })?;
-        t.wait_acked(Lsn(bunker_next - 1))?;
-    }
+    let scan = move_records(&mut |at, sink| bunker.read(at, sink), &mut targets[adv], from, bunker_next)?;
     eprintln!(
         "moved {} records ({}) from the bunker to {} in {:.1}s; leveling the others from its log",
         scan.records,
