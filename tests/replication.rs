@@ -346,7 +346,7 @@ fn replay_by_hand_keeps_what_a_target_lacks_in_its_map() {
 fn three_healthy_targets_keep_their_logs_below_the_bound_while_2_gib_go_through() {
     let ts: Vec<TargetProc> = (0..3).map(|_| TargetProc::start(&["--log-size", "256M"])).collect();
     let urls: Vec<String> = ts.iter().map(|t| t.url()).collect();
-    let m = mount_with(&urls, &["--journal-size", "128M"]);
+    let m = mount_with(&urls, &["--journal-size", "128M", "--segment-size", "16M"]);
     let mib: u64 = std::env::var("FERRYFS_LOG_BOUND_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
     for i in 0..mib {
         fs::write(m.mnt.join(format!("f{}", i % 16)), pattern(i, 1 << 20)).unwrap();
@@ -391,7 +391,10 @@ fn a_target_cut_past_the_target_timeout_stops_holding_the_watermark_and_resyncs_
     let t1 = TargetProc::start(&["--log-size", "256M"]);
     let t2 = TargetProc::start(&[]);
     let p2 = FaultProxy::start(t2.addr);
-    let m = mount_with(&[t1.url(), p2.url()], &["--target-timeout", "2s", "--journal-size", "128M"]);
+    let m = mount_with(
+        &[t1.url(), p2.url()],
+        &["--target-timeout", "2s", "--journal-size", "128M", "--segment-size", "16M"],
+    );
     fs::write(m.mnt.join("before"), pattern(1, 1 << 20)).unwrap();
     sync_mount(&m);
     wait_converged(&m.journal, &m.backing, &[&t1.dir, &t2.dir], CONVERGE);
