@@ -30,7 +30,7 @@ nothing, when they belong to different replication sets, stand at different epoc
 on: fail it back instead), one was promoted, or one still hears a live primary (--force overrides).\n\
 2. Picks the most advanced target (the highest next LSN; the first given among equals).\n\
 3. Streams to every other target the records it lacks, straight from the advanced target's log, in blocks \
-of about 1 MiB; each target lands a block in its staging file, checks every record (crc, set, LSN order), \
+of about 8 MiB; each target lands a block in its staging file, checks every record (crc, set, LSN order), \
 appends it to its log and makes it durable before it acknowledges it.\n\
 4. Has every target apply its whole log up to the common end (transactions without an outcome by the \
 failover rule, as `ferryfs failover` does), so all show the same tree: the primary's journal applied up to \
