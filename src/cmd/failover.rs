@@ -221,8 +221,11 @@ pub fn run(a: FailoverArgs) -> Result<()> {
 /// Moves the records `[from, end)` that `read` gives (a bunker's or a target's log, in
 /// blocks, from an LSN on) to `sink`, with a progress bar, and waits until it holds them all
 /// durably. Returns what moved (records, bytes, incomplete operations).
+/// A log read from an LSN on, block by block into a sink (a bunker's or a target's).
+pub(super) type LogReader<'a> = dyn FnMut(Lsn, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> + 'a;
+
 pub(super) fn move_records(
-    read: &mut dyn FnMut(Lsn, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    read: &mut LogReader<'_>,
     sink: &mut TcpTarget,
     from: u64,
     end: u64,

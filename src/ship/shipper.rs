@@ -73,6 +73,10 @@ pub struct Timing {
     pub idle_wait: Duration,
     /// A target silent for this long is taken for gone.
     pub silence_max: Duration,
+    /// Send the all-acked watermark at most this often when it moved ...
+    pub watermark_every: Duration,
+    /// ... and unchanged again this often.
+    pub watermark_refresh: Duration,
 }
 
 impl Default for Timing {
@@ -84,6 +88,8 @@ impl Default for Timing {
             backoff_max: BACKOFF_MAX,
             idle_wait: Duration::from_millis(5),
             silence_max: super::session::TARGET_SILENCE_MAX,
+            watermark_every: WATERMARK_EVERY,
+            watermark_refresh: WATERMARK_REFRESH,
         }
     }
 }
@@ -528,7 +534,7 @@ impl<S: Storage> Shipper<S> {
         let mut last_heard = Instant::now();
         let mut last_settled = None;
         let mut observed: VecDeque<crate::journal::Settled> = VecDeque::new();
-        let mut watermark = Watermark::new(s.minor());
+        let mut watermark = Watermark::new(s.minor(), self.timing.watermark_every, self.timing.watermark_refresh);
         self.link.lock().sent_below = cur.next;
         loop {
             if self.stop.load(Ordering::Acquire) {
@@ -635,17 +641,20 @@ impl<S: Storage> Shipper<S> {
 }
 
 /// When the all-acked watermark goes to a target (claims 002:1, 9): when it moved, at most
-/// every `WATERMARK_EVERY`, only to a target that speaks 1.3 (an older one would refuse the
-/// message). A small control frame between record batches: it never holds shipping up.
+/// every `WATERMARK_EVERY` (`Timing::watermark_every`), only to a target that speaks 1.3 (an
+/// older one would refuse the message). A small control frame between record batches: it
+/// never holds shipping up.
 struct Watermark {
     enabled: bool,
     sent: Option<Lsn>,
     at: Option<Instant>,
+    every: Duration,
+    refresh: Duration,
 }
 
 impl Watermark {
-    fn new(minor: u16) -> Watermark {
-        Watermark { enabled: minor >= MINOR_WATERMARK, sent: None, at: None }
+    fn new(minor: u16, every: Duration, refresh: Duration) -> Watermark {
+        Watermark { enabled: minor >= MINOR_WATERMARK, sent: None, at: None, every, refresh }
     }
 
     /// The `all_acked_lsn` to send now, if any (`below` is the hub's all-acked LSN). An
@@ -653,9 +662,8 @@ impl Watermark {
     /// the status of its log fresh (its checkpoints move the log's start in between).
     fn due(&mut self, below: Option<Lsn>) -> Option<u64> {
         let since = self.at.map(|t| t.elapsed());
-        let moved =
-            since.is_none_or(|t| t >= WATERMARK_EVERY) && below.is_some_and(|b| self.sent.is_none_or(|s| b > s));
-        let refresh = since.is_some_and(|t| t >= WATERMARK_REFRESH);
+        let moved = since.is_none_or(|t| t >= self.every) && below.is_some_and(|b| self.sent.is_none_or(|s| b > s));
+        let refresh = since.is_some_and(|t| t >= self.refresh);
         let below = below.filter(|b| self.enabled && b.0 > 1 && (moved || refresh))?;
         let below = self.sent.map_or(below, |s| below.max(s));
         self.sent = Some(below);
@@ -674,7 +682,7 @@ mod tests {
 
     #[test]
     fn the_watermark_goes_when_it_moves_at_most_every_100_ms_and_again_every_second() {
-        let mut w = Watermark::new(MINOR_WATERMARK);
+        let mut w = Watermark::new(MINOR_WATERMARK, WATERMARK_EVERY, WATERMARK_REFRESH);
         assert_eq!(w.due(None), None, "no target holds it");
         assert_eq!(w.due(Some(Lsn(1))), None, "nothing acked yet");
         assert_eq!(w.due(Some(Lsn(10))), Some(9));
@@ -687,6 +695,6 @@ mod tests {
         w.at = Some(Instant::now() - WATERMARK_REFRESH);
         assert_eq!(w.due(Some(Lsn(15))), Some(19), "refreshed, not lowered");
         // An older target gets none.
-        assert_eq!(Watermark::new(MINOR_WATERMARK - 1).due(Some(Lsn(10))), None);
+        assert_eq!(Watermark::new(MINOR_WATERMARK - 1, WATERMARK_EVERY, WATERMARK_REFRESH).due(Some(Lsn(10))), None);
     }
 }

@@ -1,34 +1,52 @@
 //! Failover in the deterministic simulation: a primary whose fsyncs wait for its bunker (the
-//! production `BunkerLink` in sync mode), shipping to a lagging target (the production
-//! `Shipper`), crashes of all three, and then the failover exactly as `ferryfs failover` runs
-//! it (`replica::failover::plan`, fence the bunker, fence the target, move the bunker's records
-//! in blocks, promote).
+//! production `BunkerLink` in sync mode), shipping to one to three lagging targets (one
+//! production `Shipper` each), crashes of all of them, and then the failover exactly as
+//! `ferryfs failover` runs it: with one target as `cmd::failover` does
+//! (`replica::failover::plan`, fence the bunker, fence the target, move the bunker's records in
+//! blocks, promote); with several as `cmd::failover_several` and `cmd::catchup` do (fence the
+//! bunker and every target at one epoch above all of theirs, move the bunker's records to the
+//! most advanced target, level the others from its log by `replica::catchup::plan`, have every
+//! leveled target apply its log up to the common end, promote the one named by `--promote`).
 //!
 //! **Invariants**, checked after the promotion:
 //! 1. every fsync that returned while the link was in sync mode (not degraded) is held: the
 //!    promoted end LSN is past every record it covered;
-//! 2. the target's tree is the primary's journal applied up to that end LSN, in order, with no
-//!    hole: it equals the primary's own tree after the last operation whose records all lie
-//!    below the end (or, when the end cuts an operation's records, before or after that one);
-//!    the tree states come from the primary itself, not from the apply code under test;
-//! 3. the records moved from the bunker are the primary's, byte for byte, from the target's
-//!    end on;
-//! 4. running the failover again (after both nodes restart) is a no-op: `Plan::AlreadyDone`,
+//! 2. the promoted target's tree is the primary's journal applied up to that end LSN, in
+//!    order, with no hole: it equals the primary's own tree after the last operation whose
+//!    records all lie below the end (or, when the end cuts an operation's records, before or
+//!    after that one); the tree states come from the primary itself, not from the apply code
+//!    under test. With several targets, every target catch-up leveled (all but those it says
+//!    need blocks) holds and has applied every record below the end, and shows the same tree
+//!    as the promoted one;
+//! 3. the records moved from the bunker, and those relayed from the most advanced target's
+//!    log to the others, are the primary's, byte for byte;
+//! 4. running the failover again (after every node restarts) is a no-op: `Plan::AlreadyDone`,
 //!    and the tree does not change.
 //!
-//! A refusal by `plan` because the bunker no longer holds what the target lacks passes only
-//! when a journal overflow explains it: the bunker's link recorded one (its status says so),
-//! or the hub let the target go (`Retention::release`: it lagged past the journal and
-//! resyncs); or the target owed a resync it had not landed (its initial copy: it holds no state
-//! a failover could complete). Any other gap is a bug.
+//! A refusal by `plan` because the bunker no longer holds what the (most advanced) target
+//! lacks passes only when a journal overflow explains it: the bunker's link recorded one (its
+//! status says so), or the hub let that target go (`Retention::release`: it lagged past the
+//! journal and resyncs); or the target owed a resync it had not landed (its initial copy: it
+//! holds no state a failover could complete). Any other gap is a bug.
+//!
+//! A target catch-up leaves behind (`catchup::Action::Blocks`) is counted (`needs_blocks`) and
+//! passes only when explained: a resync left its directory mixed past the end while the bunker
+//! link was degraded (as for the single target's `--allow-mixed` refusal); or the most advanced
+//! target's log no longer holds what it lacks because (a) a watermark at or past its next LSN
+//! was sent while it did not hold the watermark back (it had fallen back, was resyncing, or had
+//! not landed its initial copy: it gets blocks by design), (b) the most advanced target's own
+//! log restarted past it (a resync landed there: its log begins at the resync's resume LSN),
+//! or (c) that log filled and let go of what the watermark held (`LogFloor::release`). Any
+//! other is a bug. When the target named to be promoted is one of them, the command promotes
+//! none; the simulated operator runs it again with `--promote` one of the leveled targets.
 //!
 //! **Fault model.**
-//! - *Networks* (both links; TCP, so faults show as a broken connection): each tick moves a
+//! - *Networks* (all links; TCP, so faults show as a broken connection): each tick moves a
 //!   random part of the bytes in flight; a run of bytes may be lost or duplicated (the
 //!   receiver's decoder finds it, or a silence deadline in ticks closes the connection: the
 //!   link's own ack timeout is set out of reach, so the network's model stands for it); cuts
-//!   close the connection and refuse new ones for a while. The target's network moves bytes
-//!   only on some ticks and loses more: it lags.
+//!   close the connection and refuse new ones for a while. The targets' networks move bytes
+//!   only on some ticks and lose more: they lag, each by its own draws.
 //! - *Bunker crash*: the process dies and comes back some ticks later; its log storage loses
 //!   unflushed pages (`SimStorage::crash_machine`, torn or whole) or nothing (a process crash).
 //!   It acks only what it flushed, so it may lose nothing it acked. Now and then it stays away
@@ -37,22 +55,30 @@
 //! - *Target outages* of hundreds of ticks: the journal overflows past it and it resyncs.
 //! - *Target crash*: process crashes, and machine crashes that lose unflushed log pages and the
 //!   directory's changes since its last sync (`SimTree::crash_machine`).
-//! - *Primary crash*: at a random tick, for good. Both nodes may crash once more before the
-//!   failover; the failover itself may be cut off (after the fences, or after some blocks),
-//!   both nodes restart, and it runs again.
+//! - *Primary crash*: at a random tick, for good. Every node may crash once more before the
+//!   failover; the failover itself may be cut off (after the fences, or after some blocks moved
+//!   from the bunker or relayed between targets), every node restarts, and it runs again.
 //!
-//! **Determinism with a real thread.** The link runs on its own thread (`BunkerLink::start`).
-//! The simulation makes it take turns with the main thread (the shipper, the workload, the
-//! target): the link's every call to its session is a turn point where it hands the turn to
-//! the main thread and waits for it back, and the main thread gives it exactly one turn per
-//! tick; so at any moment one thread runs. The primary's tree (`TurnTree`) also gives the link
-//! a turn inside an operation, between its journaled intent and its outcome, as a link thread
-//! running beside the writers may see it. While the main thread is inside an fsync (blocked in
-//! `Mirror::wait`, in production code), the link keeps the turn and drives the ticks itself
-//! until the link's state releases the fsync (the same condition `wait` tests: acked, degraded
-//! or fenced), then hands the turn back. The link's clocks are set so that no decision depends
-//! on wall time: no heartbeats, no backoff, watermarks whenever they move, and a
-//! `--bunker-timeout` out of reach.
+//! **Determinism with real threads.** The link runs on its own thread (`BunkerLink::start`),
+//! and so does each target's shipper (`Shipper::run`); the main thread drives the ticks. They
+//! take turns, so that at any moment one thread runs: each tick the main thread runs the
+//! workload and the targets' apply, then hands the turn to the link and waits for it back, then
+//! to each shipper in order and waits for it back. A thread holding the turn runs until its next
+//! call to its session (or connector), its turn point, where it does that connection's tick
+//! (the link also counts a tick with the bunker's faults), hands the turn back to the main
+//! thread and waits for its next turn. Each thread starts holding the turn, up to its first
+//! turn point. The primary's tree (`TurnTree`) also gives the link a turn inside an operation,
+//! between its journaled intent and its outcome, as a link thread running beside the writers
+//! may see it. While the main thread is inside an fsync (blocked in `Mirror::wait`, in
+//! production code), the link keeps the turn and drives the ticks itself until the link's state
+//! releases the fsync (the same condition `wait` tests: acked, degraded or fenced), then hands
+//! the turn back; the shippers wait meanwhile. The clocks of the link and the shippers are set
+//! so that no decision depends on wall time: no heartbeats, no backoff, watermarks whenever
+//! they move (`Timing::watermark_every` zero), never a refresh, and a `--bunker-timeout` out of
+//! reach. Once the primary is dead every thread is let go (its turn points fail) and joined or
+//! stopped before the failover, which runs on the main thread alone. With one target the order of
+//! events is the earlier single-target simulation's (checked: with `targets_max` 1 and the
+//! shipper's production watermark clocks, 50 seeds replayed its counters exactly).
 //!
 //! **Sync mode that cannot degrade by time.** With the timeout out of reach, sync mode under
 //! `--bunker-unreachable degrade` behaves like `wait` during a bunker outage (fsyncs block until
@@ -60,13 +86,16 @@
 //! (`Retention::release`). Each fsync records whether the link released it by an ack in sync
 //! mode or by being degraded; only the former count for invariant 1.
 //!
-//! **Not modelled**: the link's and the shipper's wall-clock timeouts (the network's silence
-//! deadline stands for them), degradation by timeout, `--bunker-unreachable wait` (its overflow
-//! error is not visible in the link's status, so the turn-taking could not tell when an fsync
-//! returns), a bunker that loses acked data (a wiped disk), the primary's recovery (it never
-//! comes back), the bunker's TCP server (its per-frame handling is mirrored here from
-//! `net::bunker`), two primaries at once, concurrent writers (one operation at a time), xattrs,
-//! modes and times in the tree comparison (names, kinds, contents and symlink targets are compared).
+//! **Not modelled**: the link's and the shippers' wall-clock timeouts (the network's silence
+//! deadline stands for them), `--target-timeout` (600 s of wall time), degradation by timeout,
+//! `--bunker-unreachable wait` (its overflow error is not visible in the link's status, so the
+//! turn-taking could not tell when an fsync returns), a bunker that loses acked data (a wiped
+//! disk), the primary's recovery (it never comes back), the bunker's and the targets' TCP servers
+//! (their per-frame handling is mirrored here from `net::bunker` and done by the production
+//! `FrameHandler`), the new primary's shipping to the leveled siblings, two primaries at once,
+//! concurrent writers (one operation at a time), a shipper reading the tree in the middle of an
+//! operation, xattrs, modes and times in the tree comparison (names, kinds, contents and symlink
+//! targets are compared).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -87,6 +116,7 @@ use crate::passthrough::{Core, CoreConfig, Errno, IdTable};
 use crate::proto::wire::control::{ControlMsg, NodeDesc};
 use crate::proto::wire::{Frame, FrameDecoder, FrameEncoder, split_records};
 use crate::replica::bunker::BunkerCore;
+use crate::replica::catchup::{self, Action, BlocksWhy, Peer};
 use crate::replica::failover::{IncompleteScan, LogView, Overrides, Plan, plan};
 use crate::replica::target::{FrameHandler, TargetCore, TargetPosition};
 use crate::ship::bunker::{
@@ -147,6 +177,15 @@ pub struct FailoverConfig {
     pub target_machine_crashes: bool,
     /// Per seed, in 1/1000: the first failover run is cut off and run again.
     pub interrupt_permille: u32,
+    /// Mirror targets per seed: drawn from `1..=targets_max`.
+    pub targets_max: usize,
+    /// Per seed with several targets, in 1/1000: the targets' logs are only as large as the
+    /// primary's journal (the documented minimum), so one may fill with records the watermark
+    /// holds and let them go (`LogFloor::release`): a laggard then needs blocks. Off by
+    /// default: it finds a known failure (seed 49 at 250: a restarted laggard's log, full of
+    /// records it may not apply before `apply_log`, cannot take the records catch-up relays,
+    /// and the failover stops with every target fenced and none promoted).
+    pub small_target_log_permille: u32,
     pub primary_geometry: JournalGeometry,
     pub bunker_geometry: JournalGeometry,
     pub target_geometry: JournalGeometry,
@@ -174,6 +213,8 @@ impl Default for FailoverConfig {
             target_move_permille: 400,
             target_machine_crashes: true,
             interrupt_permille: 250,
+            targets_max: 3,
+            small_target_log_permille: 0,
             // Small segments, so the journal wraps and overflows within a run; the bunker and
             // the target hold four times the primary's journal, so the primary's overflow (its
             // retention lets them go) comes before theirs.
@@ -216,6 +257,31 @@ pub struct FailoverStats {
     /// Refused because a resync left the target's directory mixed past what the bunker held
     /// (the bunker link was degraded when the primary died).
     pub refused_mixed: u64,
+    /// Mirror targets (one to three per seed).
+    pub targets: u64,
+    /// Seeds with several targets, and of those the failovers that promoted one.
+    pub several: u64,
+    pub several_promoted: u64,
+    /// Targets catch-up leveled from the most advanced one's log, and the records relayed.
+    pub caught_up: u64,
+    pub records_caught_up: u64,
+    /// Targets catch-up left behind (`Action::Blocks`), each explained by one of: a watermark
+    /// passed it while it did not hold it back (it fell back, resynced, had no initial copy);
+    /// the most advanced one's log restarted past it (a resync landed there); that log filled
+    /// and let go (`LogFloor::release`); a resync left it mixed past the end (the bunker link
+    /// was degraded).
+    pub needs_blocks: u64,
+    pub blocks_unheld: u64,
+    pub blocks_source_resynced: u64,
+    pub blocks_log_freed: u64,
+    pub blocks_mixed: u64,
+    /// Of those left behind, the ones whose lacking records the bunker held up to where the
+    /// most advanced target's log starts: `ferryfs failover` moves the bunker's records to the
+    /// most advanced target only, so they need blocks though records would have done.
+    pub blocks_bunker_held: u64,
+    /// Failovers whose `--promote` target needed blocks: none was promoted, and the operator
+    /// ran it again naming a leveled one.
+    pub promote_behind: u64,
 }
 
 impl FailoverStats {
@@ -240,6 +306,18 @@ impl FailoverStats {
         self.refused_target_overflow += o.refused_target_overflow;
         self.refused_resync_owed += o.refused_resync_owed;
         self.refused_mixed += o.refused_mixed;
+        self.targets += o.targets;
+        self.several += o.several;
+        self.several_promoted += o.several_promoted;
+        self.caught_up += o.caught_up;
+        self.records_caught_up += o.records_caught_up;
+        self.needs_blocks += o.needs_blocks;
+        self.blocks_unheld += o.blocks_unheld;
+        self.blocks_source_resynced += o.blocks_source_resynced;
+        self.blocks_log_freed += o.blocks_log_freed;
+        self.blocks_mixed += o.blocks_mixed;
+        self.blocks_bunker_held += o.blocks_bunker_held;
+        self.promote_behind += o.promote_behind;
     }
 }
 
@@ -249,6 +327,8 @@ impl FailoverStats {
 enum Turn {
     Main,
     Link,
+    /// The shipper of target `i`.
+    Shipper(usize),
 }
 
 /// Why the link let an fsync return (the conditions `Mirror::wait` tests).
@@ -284,6 +364,37 @@ struct TargetNode {
     generation: u64,
     /// The target's staging files (the one part of a target that is plain files).
     state_dir: tempfile::TempDir,
+    /// Times its log let go of records the watermark held (`LogFloor::release`), summed over
+    /// the processes that crashed (the count lives in memory).
+    log_overflows: u64,
+    /// One past the highest all-acked watermark a shipper sent (to any target) while this
+    /// target did not hold it back (`Link::watermark_hold` was `None`): a target's log may
+    /// free records below it that this one lacks.
+    unheld_below: u64,
+    /// The highest LSN a resync that landed here restarted its log at (its log holds
+    /// nothing below it from then on).
+    restarted_at: u64,
+}
+
+impl TargetNode {
+    fn new() -> Result<TargetNode, String> {
+        Ok(TargetNode {
+            storage: SimStorage::new(),
+            tree: SimTree::new(),
+            core: None,
+            cut: 0,
+            generation: 0,
+            state_dir: tempfile::tempdir().map_err(|e| e.to_string())?,
+            log_overflows: 0,
+            unheld_below: 0,
+            restarted_at: 0,
+        })
+    }
+
+    /// `log_overflows` with the running process's.
+    fn overflows(&self) -> u64 {
+        self.log_overflows + self.core.as_ref().map_or(0, |c| c.watermark_hold().overflows)
+    }
 }
 
 /// What the primary did, kept outside the code under test.
@@ -357,13 +468,13 @@ impl Model {
         }
     }
 
-    /// Invariant 3: a moved block holds exactly the primary's records `[from, next)`.
-    fn check_block(&self, from: u64, next: u64, block: &[u8]) -> Result<(), String> {
+    /// Invariant 3: a moved block (of `what`) holds exactly the primary's records `[from, next)`.
+    fn check_block(&self, what: &str, from: u64, next: u64, block: &[u8]) -> Result<(), String> {
         let (Some(a), Some(b)) = (self.offset(from), self.offset(next)) else {
-            return Err(format!("the bunker served records {from}..{next}, past the primary's end"));
+            return Err(format!("{what}: records {from}..{next} served, past the primary's end"));
         };
         if &self.records[a..b] != block {
-            return Err(format!("the bunker's records {from}..{next} differ from the primary's"));
+            return Err(format!("{what}: records {from}..{next} differ from the primary's"));
         }
         Ok(())
     }
@@ -396,13 +507,14 @@ struct World {
     dead: bool,
     primary: Arc<Primary>,
     set_id: [u8; 16],
-    /// The target's sync map mode when the primary crashed.
-    target_mode: Option<MapMode>,
+    /// Each target's sync map mode when the primary crashed.
+    target_modes: Vec<Option<MapMode>>,
     /// Whether the bunker link was degraded to async when the primary crashed.
     link_degraded: bool,
     model: Model,
     bunker: BunkerNode,
-    target: TargetNode,
+    targets: Vec<TargetNode>,
+    hub: Arc<Hub<SimStorage>>,
     stats: FailoverStats,
     failure: Option<String>,
 }
@@ -453,23 +565,40 @@ impl World {
         Ok(core)
     }
 
-    fn target_core(&mut self) -> Result<Arc<Target>, String> {
-        if let Some(t) = &self.target.core {
+    fn target_core(&mut self, i: usize) -> Result<Arc<Target>, String> {
+        if let Some(t) = &self.targets[i].core {
             return Ok(t.clone());
         }
-        let t = &self.target;
+        let t = &self.targets[i];
         let has_log = t.storage.read_superblock().map_err(|e| e.to_string())?.is_some();
+        // A resync received whole before a crash is applied when the target opens: its log
+        // restarts at the resync's resume LSN then.
+        let pending = t.state_dir.path().join("resync-pending").exists(); // `replica::target`'s PENDING_FILE
         let core = if has_log {
             Target::open(t.storage.clone(), t.tree.clone(), t.state_dir.path())
         } else {
             let g = self.cfg.target_geometry;
             Target::create(t.storage.clone(), g, self.set_id, t.tree.clone(), t.state_dir.path())
         }
-        .map_err(|e| format!("target: {e}"))?;
+        .map_err(|e| format!("target {i}: {e}"))?;
         core.journal().set_full_wait(Duration::from_millis(1));
         let core = Arc::new(core);
-        self.target.core = Some(core.clone());
+        let t = &mut self.targets[i];
+        if pending {
+            t.restarted_at = t.restarted_at.max(core.journal().superblock().start_lsn.0);
+        }
+        t.core = Some(core.clone());
         Ok(core)
+    }
+
+    /// A shipper sends the all-acked watermark `all_acked_lsn`: the targets that do not hold
+    /// it back now may find it past them in a peer's log (`TargetNode::unheld_below`).
+    fn note_watermark(&mut self, all_acked_lsn: u64) {
+        for (link, t) in self.hub.links.iter().zip(self.targets.iter_mut()) {
+            if link.watermark_hold().is_none() {
+                t.unheld_below = t.unheld_below.max(all_acked_lsn + 1);
+            }
+        }
     }
 
     fn crash_bunker(&mut self) {
@@ -486,18 +615,21 @@ impl World {
         self.bunker.generation += 1;
     }
 
-    fn crash_target(&mut self) {
-        if self.target.core.take().is_some() {
+    fn crash_target(&mut self, i: usize) {
+        if let Some(core) = self.targets[i].core.take() {
+            self.targets[i].log_overflows += core.watermark_hold().overflows;
+            drop(core);
+            let t = &self.targets[i];
             if self.cfg.target_machine_crashes && self.rng.gen_bool(0.5) {
                 let mut rng = ChaCha8Rng::seed_from_u64(self.rng.r#gen());
-                self.target.storage.crash_machine(&mut rng);
-                self.target.tree.crash_machine();
+                t.storage.crash_machine(&mut rng);
+                t.tree.crash_machine();
             } else {
-                self.target.storage.crash_process();
+                t.storage.crash_process();
             }
             self.stats.target_crashes += 1;
         }
-        self.target.generation += 1;
+        self.targets[i].generation += 1;
     }
 
     /// The bunker's faults and clocks, once per link tick.
@@ -531,8 +663,8 @@ struct Sim {
     /// The highest floor a watermark made of the bunker's own acks (no target in ordered mode)
     /// could give the bunker's log.
     own_floor_max: AtomicU64,
-    /// The journal overflowed while the target lagged: the hub let it go (it resyncs).
-    target_released: AtomicBool,
+    /// Per target: the journal overflowed while it lagged: the hub let it go (it resyncs).
+    target_released: Vec<AtomicBool>,
     seed: u64,
 }
 
@@ -588,12 +720,13 @@ impl Sim {
         self.turn_changed.notify_all();
     }
 
-    /// One tick of the main thread: the workload, the target's apply, then one turn of the
-    /// link. The main thread holds the turn when it calls this.
-    fn main_tick(&self) {
+    /// One tick of the main thread: the workload, the targets' apply, then one turn of the
+    /// link and one of each shipper, in order. The main thread holds the turn when it calls
+    /// this. Returns whether the primary is alive.
+    fn main_tick(&self) -> bool {
         let mut w = self.lock();
         if w.dead || !self.advance(&mut w) {
-            return;
+            return false;
         }
         let (op, fsync) = (w.cfg.op_permille, w.cfg.fsync_permille);
         let roll = w.rng.gen_range(0..1000);
@@ -606,31 +739,52 @@ impl Sim {
             w = self.lock();
             w.note_step();
             if w.dead {
-                return;
+                return false;
             }
         } else if roll < op + fsync {
             w = self.fsync(w);
             if w.dead {
-                return;
+                return false;
             }
         }
         let checkpoint = w.cfg.checkpoint_permille;
         if w.permille(checkpoint) {
             let _ = w.primary.checkpoint();
         }
-        if let Some(t) = w.target.core.clone() {
+        for i in 0..w.targets.len() {
+            let Some(t) = w.targets[i].core.clone() else { continue };
             if let Err(e) = t.apply_available() {
                 let tick = w.tick;
-                w.fail(format!("tick {tick}: the target's apply failed: {e}"));
+                w.fail(format!("tick {tick}: target {i}'s apply failed: {e}"));
                 self.die(&mut w);
-                return;
+                return false;
             }
             if w.rng.gen_ratio(1, 50) {
                 let _ = t.checkpoint();
             }
         }
         self.hand_turn(&mut w, Turn::Link);
-        let _w = self.wait_turn(w, Turn::Main);
+        w = self.wait_turn(w, Turn::Main);
+        for i in 0..w.targets.len() {
+            if w.dead {
+                return false;
+            }
+            self.hand_turn(&mut w, Turn::Shipper(i));
+            w = self.wait_turn(w, Turn::Main);
+        }
+        !w.dead
+    }
+
+    /// The turn point of shipper `i`, called by each call to its session or connector (it
+    /// holds the turn then): hands the turn to the main thread and waits for its next turn.
+    /// Once the primary is dead it returns at once: the shipper must touch no target.
+    fn shipper_turn(&self, i: usize) -> MutexGuard<'_, World> {
+        let mut w = self.lock();
+        if w.dead {
+            return w;
+        }
+        self.hand_turn(&mut w, Turn::Main);
+        self.wait_turn(w, Turn::Shipper(i))
     }
 
     /// A turn of the link in the middle of a workload operation (`TurnTree`), on one call in
@@ -987,25 +1141,30 @@ impl BunkerSession for SimBunkerSession {
 
 // ----- the target's network --------------------------------------------------------------
 
-struct SimTargetConnector(Arc<Sim>);
+/// Connects shipper `i` to target `i`.
+struct SimTargetConnector {
+    sim: Arc<Sim>,
+    i: usize,
+}
 
 impl Connector for SimTargetConnector {
     fn connect(&mut self) -> Result<Box<dyn Session>, String> {
-        self.0.main_tick();
-        let mut w = self.0.lock();
+        let i = self.i;
+        let mut w = self.sim.shipper_turn(i);
         if w.dead {
             return Err("the primary crashed".into());
         }
-        if w.target.cut > 0 {
-            w.target.cut -= 1;
+        if w.targets[i].cut > 0 {
+            w.targets[i].cut -= 1;
             return Err("simulated cut".into());
         }
-        let t = w.target_core()?;
+        let t = w.target_core(i)?;
         w.stats.target_connections += 1;
-        let generation = w.target.generation;
+        let generation = w.targets[i].generation;
         drop(w);
         let mut s = SimTargetSession {
-            sim: self.0.clone(),
+            sim: self.sim.clone(),
+            i,
             generation,
             position: t.position(),
             to_target: VecDeque::new(),
@@ -1030,9 +1189,10 @@ impl Connector for SimTargetConnector {
     }
 }
 
-/// One connection between the shipper and the target (as `sim::replication` has it).
+/// One connection between shipper `i` and target `i` (as `sim::replication` has it).
 struct SimTargetSession {
     sim: Arc<Sim>,
+    i: usize,
     generation: u64,
     position: TargetPosition,
     to_target: VecDeque<u8>,
@@ -1055,35 +1215,34 @@ impl SimTargetSession {
         }
     }
 
-    /// A tick of the world, then one of this connection: part of the bytes in flight each way
-    /// (on some ticks only: the target lags), with faults.
+    /// The shipper's turn point, then one tick of this connection: part of the bytes in
+    /// flight each way (on some ticks only: the target lags), with faults.
     fn tick_net(&mut self) {
-        self.sim.main_tick();
-        let sim = self.sim.clone();
-        let mut w = sim.lock();
+        let (sim, i) = (self.sim.clone(), self.i);
+        let mut w = sim.shipper_turn(i);
         if w.dead {
             return self.break_with(&mut w, "the primary crashed");
         }
         if self.broken.is_some() {
             return;
         }
-        if w.target.generation != self.generation {
+        if w.targets[i].generation != self.generation {
             return self.break_with(&mut w, "the connection to the target broke (a cut or its crash)");
         }
         let (cut, outage, crash) =
             (w.cfg.target_cut_permille, w.cfg.target_outage_permille, w.cfg.target_crash_permille);
         if w.permille(outage) {
-            w.target.cut = w.rng.gen_range(100..1500);
-            w.target.generation += 1;
+            w.targets[i].cut = w.rng.gen_range(100..1500);
+            w.targets[i].generation += 1;
             return self.break_with(&mut w, "the target is unreachable");
         }
         if w.permille(cut) {
-            w.target.cut = w.rng.gen_range(1..40);
-            w.target.generation += 1;
+            w.targets[i].cut = w.rng.gen_range(1..40);
+            w.targets[i].generation += 1;
             return self.break_with(&mut w, "simulated cut");
         }
         if w.permille(crash) {
-            w.crash_target();
+            w.crash_target(i);
             return self.break_with(&mut w, "the target crashed");
         }
         let (d, u) = (w.cfg.target_drop_permille, w.cfg.target_dup_permille);
@@ -1098,7 +1257,7 @@ impl SimTargetSession {
         if !w.permille(moves) {
             return;
         }
-        let Some(target) = w.target.core.clone() else {
+        let Some(target) = w.targets[i].core.clone() else {
             return self.break_with(&mut w, "the target is gone");
         };
         let n = w.rng.gen_range(0..=self.to_target.len());
@@ -1106,16 +1265,23 @@ impl SimTargetSession {
         self.dec_t.push(&chunk);
         loop {
             match self.dec_t.next_frame() {
-                Ok(Some(f)) => match self.handler.handle(&target, f) {
-                    Ok(replies) => {
-                        for r in &replies {
-                            let mut out = Vec::new();
-                            self.enc_t.encode(r, &mut out).expect("encoding a reply");
-                            self.to_primary.extend(out);
-                        }
+                Ok(Some(f)) => {
+                    let resync_end = matches!(f, Frame::Control(ControlMsg::ResyncEnd { .. }));
+                    let replies = match self.handler.handle(&target, f) {
+                        Ok(replies) => replies,
+                        Err(e) => return self.break_with(&mut w, &format!("the target refused a frame: {e}")),
+                    };
+                    if resync_end {
+                        // The resync landed: the target's log restarts at its resume LSN.
+                        let t = &mut w.targets[i];
+                        t.restarted_at = t.restarted_at.max(target.journal().superblock().start_lsn.0);
                     }
-                    Err(e) => return self.break_with(&mut w, &format!("the target refused a frame: {e}")),
-                },
+                    for r in &replies {
+                        let mut out = Vec::new();
+                        self.enc_t.encode(r, &mut out).expect("encoding a reply");
+                        self.to_primary.extend(out);
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => return self.break_with(&mut w, &format!("the target: bad frame: {e}")),
             }
@@ -1141,6 +1307,13 @@ impl Session for SimTargetSession {
     fn send(&mut self, frame: &Frame) -> Result<(), String> {
         if let Some(why) = &self.broken {
             return Err(why.clone());
+        }
+        if let Frame::Control(ControlMsg::Watermark { all_acked_lsn }) = frame {
+            // Still in the shipper's turn: the hub is as the shipper saw it.
+            let mut w = self.sim.lock();
+            if !w.dead {
+                w.note_watermark(*all_acked_lsn);
+            }
         }
         let mut out = Vec::new();
         self.enc_p.encode(frame, &mut out).map_err(|e| e.to_string())?;
@@ -1199,6 +1372,12 @@ fn log_view(msg: ControlMsg) -> Result<LogView, String> {
     }
 }
 
+/// A target as `ferryfs failover` and `ferryfs catchup` see it: its `LogInfo` and how long its
+/// directory stays mixed.
+fn target_view(target: &Target) -> Result<LogView, String> {
+    Ok(LogView { mixed_until: target.mixed_until(), ..log_view(target.log_info(false))? })
+}
+
 #[derive(Debug)]
 enum Outcome {
     Refused(String),
@@ -1216,6 +1395,43 @@ enum Outcome {
     },
 }
 
+/// Reads the block of records from an LSN on into a buffer; returns where it ended.
+type ReadBlock<'a> = dyn Fn(Lsn, &mut Vec<u8>) -> Result<Lsn, String> + 'a;
+
+/// Moves the records `[from, next)` that `read` serves in blocks to `to` (a target's
+/// `receive_failover_block`), checking each against the primary's (invariant 3) and
+/// counting it in `blocks`; `Ok(None)` when `cut_after` blocks were moved (a killed tool),
+/// else what moved and the last LSN the receiver acked.
+fn move_blocks(
+    what: &str,
+    read: &ReadBlock<'_>,
+    to: &Target,
+    from: u64,
+    model: &Model,
+    blocks: &mut u64,
+    cut_after: Option<u64>,
+) -> Result<Option<(IncompleteScan, Option<Lsn>)>, String> {
+    let (mut at, mut acked, mut scan) = (Lsn(from), None, IncompleteScan::default());
+    let mut block = Vec::new();
+    loop {
+        block.clear();
+        let next = read(at, &mut block)?;
+        if next == at {
+            break;
+        }
+        model.check_block(what, at.0, next.0, &block)?;
+        scan.feed(&block);
+        acked =
+            Some(to.receive_failover_block(&block).map_err(|e| format!("a target refused a block of {what}: {e}"))?);
+        at = next;
+        *blocks += 1;
+        if cut_after == Some(*blocks) {
+            return Ok(None);
+        }
+    }
+    Ok(Some((scan, acked)))
+}
+
 /// One run of `ferryfs failover` against a bunker and a target in this process, in the
 /// command's order; `cut_after` blocks (0: right after the fences) it stops, as a killed tool.
 fn run_failover(
@@ -1229,7 +1445,7 @@ fn run_failover(
         return Err("the bunker and the target belong to different replication sets".into());
     }
     let b = log_view(bunker.log_info(false))?;
-    let t = LogView { mixed_until: target.mixed_until(), ..log_view(target.log_info(false))? };
+    let t = target_view(target)?;
     if std::env::var_os("FERRYFS_SIM_DEBUG").is_some() {
         eprintln!("DEBUG failover: bunker {b:?} target {t:?} target pos {:?}", target.position());
     }
@@ -1256,30 +1472,20 @@ fn run_failover(
     }
     let mut scan = IncompleteScan::default();
     if to_move > 0 {
-        let (mut at, mut blocks, mut acked) = (Lsn(from), 0u64, None);
-        let mut block = Vec::new();
-        loop {
-            block.clear();
-            let next = bunker.read(at, block_bytes, &mut block).map_err(|e| format!("reading the bunker: {e}"))?;
-            if next == at {
-                break;
-            }
-            model.check_block(at.0, next.0, &block)?;
-            scan.feed(&block);
-            acked =
-                Some(target.receive_failover_block(&block).map_err(|e| format!("the target refused a block: {e}"))?);
-            at = next;
-            blocks += 1;
-            if cut_after == Some(blocks) {
-                return Ok(Outcome::Interrupted);
-            }
-        }
-        if at.0 != bunker_next || acked != Some(Lsn(bunker_next - 1)) {
+        let read = |at: Lsn, out: &mut Vec<u8>| {
+            bunker.read(at, block_bytes, out).map_err(|e| format!("reading the bunker: {e}"))
+        };
+        let Some((moved, acked)) = move_blocks("the bunker's records", &read, target, from, model, &mut 0, cut_after)?
+        else {
+            return Ok(Outcome::Interrupted);
+        };
+        if from + moved.records != bunker_next || acked != Some(Lsn(bunker_next - 1)) {
             return Err(format!(
                 "the bunker's records ended at {} (said {bunker_next}); the target acked {acked:?}",
-                at.0
+                from + moved.records
             ));
         }
+        scan = moved;
     }
     target.promote(epoch, Lsn(end), (0, 0, b"sim".to_vec())).map_err(|e| format!("promoting the target: {e}"))?;
     let v = log_view(target.log_info(false))?;
@@ -1289,11 +1495,222 @@ fn run_failover(
     Ok(Outcome::Promoted { epoch, end, moved: scan.records, incomplete: scan.incomplete().len() as u64 })
 }
 
+/// What the catch-up of a failover with several targets did.
+#[derive(Debug, Default)]
+struct CatchUp {
+    /// The most advanced target, whose log the others were leveled from, and where its log
+    /// started.
+    source: usize,
+    source_start: u64,
+    /// The bunker's records (as the failover saw them): `[bunker_start, bunker_next)`.
+    bunker_start: u64,
+    bunker_next: u64,
+    /// The targets that hold and have applied every record below the end, in order.
+    leveled: Vec<usize>,
+    /// The targets left behind (`Action::Blocks`), with catch-up's word on each.
+    behind: Vec<(usize, Action)>,
+    /// Targets that got records from the source's log, and how many records in all.
+    caught_up: u64,
+    records: u64,
+}
+
+#[derive(Debug)]
+enum SeveralOutcome {
+    /// `plan` refused for the most advanced target, `advanced`.
+    Refused {
+        advanced: usize,
+        why: String,
+    },
+    AlreadyDone {
+        epoch: u64,
+        end_lsn: u64,
+    },
+    /// Cut off after the fences (and some blocks, moved or relayed).
+    Interrupted,
+    /// Every target fenced and the others leveled, but the one named to be promoted needs
+    /// blocks: the command promotes none and says to name another.
+    PromoteBehind {
+        catch_up: CatchUp,
+    },
+    Promoted {
+        epoch: u64,
+        end: u64,
+        moved: u64,
+        incomplete: u64,
+        catch_up: CatchUp,
+    },
+}
+
+/// One run of `ferryfs failover --target … --promote <targets[promote]>` against a bunker and
+/// several targets in this process, in the order of `cmd::failover_several` and its
+/// `cmd::catchup::catch_up`; `cut_after` blocks (0: right after the fences; the bunker's and
+/// the relayed ones count) it stops, as a killed tool.
+fn run_failover_several(
+    bunker: &Bunker,
+    targets: &[Arc<Target>],
+    promote: usize,
+    model: &Model,
+    block_bytes: usize,
+    cut_after: Option<u64>,
+) -> Result<SeveralOutcome, String> {
+    let p = promote;
+    if let Some(i) = targets.iter().position(|t| t.set_id() != bunker.set_id()) {
+        return Err(format!("the bunker and target {i} belong to different replication sets"));
+    }
+    let b = log_view(bunker.log_info(false))?;
+    let views = targets.iter().map(|t| target_view(t)).collect::<Result<Vec<_>, _>>()?;
+    if std::env::var_os("FERRYFS_SIM_DEBUG").is_some() {
+        eprintln!("DEBUG failover (--promote target {p}): bunker {b:?}");
+        for (i, v) in views.iter().enumerate() {
+            eprintln!("DEBUG   target {i}: {v:?}, hold {:?}", targets[i].watermark_hold());
+        }
+    }
+    let allow = Overrides::default();
+    // Done already: the one to promote was promoted and holds everything the bunker has.
+    if let Ok(Plan::AlreadyDone { epoch, end_lsn }) = plan(b, views[p], allow) {
+        return Ok(SeveralOutcome::AlreadyDone { epoch, end_lsn });
+    }
+    // The bunker's records go to the most advanced target (the one to promote among equals).
+    let adv = (0..targets.len()).fold(p, |best, i| if views[i].next_lsn > views[best].next_lsn { i } else { best });
+    let (from, bunker_next, end, epoch) = match plan(b, views[adv], allow) {
+        Err(why) => return Ok(SeveralOutcome::Refused { advanced: adv, why }),
+        Ok(Plan::AlreadyDone { .. }) => {
+            return Err(format!("target {adv} was promoted already, but target {p} is named to be"));
+        }
+        Ok(Plan::Move { from, bunker_next, end, epoch }) => (from, bunker_next, end, epoch),
+    };
+    let epoch = views.iter().map(|v| v.epoch + 1).fold(epoch, u64::max);
+    bunker.fence(epoch).map_err(|e| format!("fencing the bunker: {e}"))?;
+    for (i, t) in targets.iter().enumerate() {
+        t.fence(epoch).map_err(|e| format!("fencing target {i}: {e}"))?;
+    }
+    if bunker.epoch() < epoch || targets.iter().any(|t| t.epoch() < epoch) {
+        let epochs: Vec<u64> = targets.iter().map(|t| t.epoch()).collect();
+        return Err(format!("a fence at epoch {epoch} did not take: bunker {}, targets {epochs:?}", bunker.epoch()));
+    }
+    if cut_after == Some(0) {
+        return Ok(SeveralOutcome::Interrupted);
+    }
+    let to_move = bunker_next.saturating_sub(from);
+    if to_move > 0 && bunker.log().start_lsn.0 > from {
+        return Err(format!("the bunker no longer holds record {from} after the fence"));
+    }
+    let mut blocks = 0u64;
+    let mut scan = IncompleteScan::default();
+    if to_move > 0 {
+        let read = |at: Lsn, out: &mut Vec<u8>| {
+            bunker.read(at, block_bytes, out).map_err(|e| format!("reading the bunker: {e}"))
+        };
+        let what = "the bunker's records";
+        let Some((moved, acked)) = move_blocks(what, &read, &targets[adv], from, model, &mut blocks, cut_after)? else {
+            return Ok(SeveralOutcome::Interrupted);
+        };
+        if from + moved.records != bunker_next || acked != Some(Lsn(bunker_next - 1)) {
+            return Err(format!(
+                "the bunker's records ended at {} (said {bunker_next}); target {adv} acked {acked:?}",
+                from + moved.records
+            ));
+        }
+        scan = moved;
+    }
+    // `ferryfs catchup`: each target as it stands now.
+    let peers = targets
+        .iter()
+        .map(|t| Ok(Peer { set_id: t.set_id(), view: target_view(t)? }))
+        .collect::<Result<Vec<_>, String>>()?;
+    let names: Vec<String> = (0..targets.len()).map(|i| format!("sim://target{i}")).collect();
+    let cplan = catchup::plan(&peers, &names, false).map_err(|e| format!("catch-up refused: {e}"))?;
+    let (src, cend) = (cplan.advanced, cplan.end);
+    if std::env::var_os("FERRYFS_SIM_DEBUG").is_some() {
+        eprintln!("DEBUG catch-up from target {src} to {cend}: {:?}", cplan.actions);
+    }
+    let mut c = CatchUp {
+        source: src,
+        source_start: peers[src].view.start_lsn,
+        bunker_start: b.start_lsn,
+        bunker_next: b.next_lsn,
+        ..CatchUp::default()
+    };
+    for (i, action) in cplan.actions.iter().enumerate() {
+        match *action {
+            Action::Level => c.leveled.push(i),
+            Action::Blocks { .. } => c.behind.push((i, *action)),
+            Action::Records { from } => {
+                let read = |at: Lsn, out: &mut Vec<u8>| {
+                    targets[src].read_log(at, block_bytes, out).map_err(|e| format!("reading target {src}'s log: {e}"))
+                };
+                let what = format!("target {src}'s log relayed to target {i}");
+                let Some((relayed, acked)) =
+                    move_blocks(&what, &read, &targets[i], from, model, &mut blocks, cut_after)?
+                else {
+                    return Ok(SeveralOutcome::Interrupted);
+                };
+                if relayed.records != cend - from || acked != Some(Lsn(cend - 1)) {
+                    return Err(format!(
+                        "target {src} sent {} records of LSN {from}..{cend} to target {i}, which acked {acked:?}",
+                        relayed.records
+                    ));
+                }
+                c.leveled.push(i);
+                c.caught_up += 1;
+                c.records += relayed.records;
+            }
+        }
+    }
+    for &i in &c.leveled {
+        targets[i].apply_log(Lsn(cend)).map_err(|e| format!("target {i}: applying its log: {e}"))?;
+        let v = target_view(&targets[i])?;
+        if v.applied_next != cend {
+            return Err(format!("target {i} says it applied below {}, not below {cend}", v.applied_next));
+        }
+    }
+    if cend != end {
+        return Err(format!("the targets were leveled at LSN {cend}, not at the failover's end {end}"));
+    }
+    if c.behind.iter().any(|(i, _)| *i == p) {
+        return Ok(SeveralOutcome::PromoteBehind { catch_up: c });
+    }
+    targets[p].promote(epoch, Lsn(end), (0, 0, b"sim".to_vec())).map_err(|e| format!("promoting target {p}: {e}"))?;
+    let v = target_view(&targets[p])?;
+    if !v.promoted || v.epoch < epoch || v.next_lsn != end {
+        return Err(format!("target {p} did not confirm its promotion at epoch {epoch}, end {end}: {v:?}"));
+    }
+    Ok(SeveralOutcome::Promoted {
+        epoch,
+        end,
+        moved: scan.records,
+        incomplete: scan.incomplete().len() as u64,
+        catch_up: c,
+    })
+}
+
 impl World {
     /// The failover against the nodes as they are now (a crashed one is restarted first).
     fn run_failover(&mut self, block_bytes: usize, cut_after: Option<u64>) -> Result<Outcome, String> {
-        let (bunker, target) = (self.bunker_core()?, self.target_core()?);
+        let (bunker, target) = (self.bunker_core()?, self.target_core(0)?);
         run_failover(&bunker, &target, &self.model, block_bytes, cut_after)
+    }
+
+    /// The same with several targets, `promote` named to be promoted.
+    fn run_failover_several(
+        &mut self,
+        promote: usize,
+        block_bytes: usize,
+        cut_after: Option<u64>,
+    ) -> Result<SeveralOutcome, String> {
+        let bunker = self.bunker_core()?;
+        let targets = (0..self.targets.len()).map(|i| self.target_core(i)).collect::<Result<Vec<_>, _>>()?;
+        run_failover_several(&bunker, &targets, promote, &self.model, block_bytes, cut_after)
+    }
+
+    fn crash_targets(&mut self) {
+        for i in 0..self.targets.len() {
+            self.crash_target(i);
+        }
+    }
+
+    fn listings(&self, which: &[usize]) -> Vec<Listing> {
+        which.iter().map(|&i| visible(self.targets[i].tree.listing())).collect()
     }
 }
 
@@ -1304,17 +1721,22 @@ impl Sim {
         if w.rng.gen_ratio(1, 3) {
             w.crash_bunker();
         }
-        if w.rng.gen_ratio(1, 3) {
-            w.crash_target();
+        for i in 0..w.targets.len() {
+            if w.rng.gen_ratio(1, 3) {
+                w.crash_target(i);
+            }
         }
         let block_bytes = w.rng.gen_range(1usize..=256) << 10;
         let interrupt = w.cfg.interrupt_permille;
         let cut_after = w.permille(interrupt).then(|| w.rng.gen_range(0..4));
+        if w.targets.len() > 1 {
+            return self.failover_several(w, overflow, block_bytes, cut_after);
+        }
         let mut outcome = w.run_failover(block_bytes, cut_after)?;
         if matches!(outcome, Outcome::Interrupted) {
             w.stats.interrupted += 1;
             w.crash_bunker();
-            w.crash_target();
+            w.crash_targets();
             outcome = w.run_failover(block_bytes, None)?;
         }
         let (epoch, end) = match outcome {
@@ -1324,41 +1746,139 @@ impl Sim {
                 w.stats.incomplete += incomplete;
                 (epoch, end)
             }
-            Outcome::Refused(why) => return self.judge_refusal(w, &why, overflow),
+            Outcome::Refused(why) => return self.judge_refusal(w, 0, &why, overflow),
             other => return Err(format!("the failover did not promote the target: {other:?}")),
         };
-        if self.check_promoted(w, end)? {
+        self.check_sync_acked(w, end)?;
+        if self.check_tree(w, 0, end)? {
             w.stats.cut_ops += 1;
         }
         // Invariant 4: again, after both restart: nothing to do, nothing changes.
-        let before = visible(w.target.tree.listing());
+        let before = visible(w.targets[0].tree.listing());
         w.crash_bunker();
-        w.crash_target();
+        w.crash_targets();
         match w.run_failover(block_bytes, None)? {
             Outcome::AlreadyDone { epoch: e, end_lsn } if e == epoch && end_lsn == end => {}
             other => return Err(format!("a second failover after promoting at epoch {epoch}, end {end}: {other:?}")),
         }
-        let after = visible(w.target.tree.listing());
+        let after = visible(w.targets[0].tree.listing());
         if after != before {
             return Err(format!("the second failover changed the tree: {}", listing_diff(&before, &after)));
         }
         Ok(())
     }
 
-    /// Invariants 1 and 2 after a promotion with every record below `end`; returns whether
-    /// `end` cut an operation's records.
-    fn check_promoted(&self, w: &World, end: u64) -> Result<bool, String> {
+    /// The failover with several targets: the operator names one to promote at random; when
+    /// catch-up leaves that one behind, the command promotes none, and the operator runs it
+    /// again naming one of the leveled ones (as its message says).
+    fn failover_several(
+        &self,
+        w: &mut World,
+        overflow: Option<String>,
+        block_bytes: usize,
+        mut cut_after: Option<u64>,
+    ) -> Result<(), String> {
+        let n = w.targets.len();
+        let mut promote = w.rng.gen_range(0..n);
+        if std::env::var_os("FERRYFS_SIM_DEBUG").is_some() {
+            for (i, t) in w.targets.iter().enumerate() {
+                eprintln!(
+                    "DEBUG target {i}: map at the crash {:?}, released {}, watermark unheld below {}, log restarted at \
+                     {}, log overflows {}",
+                    w.target_modes[i],
+                    self.target_released[i].load(Ordering::Acquire),
+                    t.unheld_below,
+                    t.restarted_at,
+                    t.overflows()
+                );
+            }
+        }
+        let mut runs = 0;
+        let (epoch, end, c) = loop {
+            runs += 1;
+            if runs > 3 {
+                return Err("three runs of the failover promoted no target".into());
+            }
+            match w.run_failover_several(promote, block_bytes, cut_after.take())? {
+                SeveralOutcome::Interrupted => {
+                    w.stats.interrupted += 1;
+                    w.crash_bunker();
+                    w.crash_targets();
+                }
+                SeveralOutcome::Refused { advanced, why } => return self.judge_refusal(w, advanced, &why, overflow),
+                SeveralOutcome::PromoteBehind { catch_up } => {
+                    w.stats.promote_behind += 1;
+                    promote = catch_up.leveled[w.rng.gen_range(0..catch_up.leveled.len())];
+                }
+                SeveralOutcome::Promoted { epoch, end, moved, incomplete, catch_up } => {
+                    w.stats.promoted += 1;
+                    w.stats.several_promoted += 1;
+                    w.stats.records_moved += moved;
+                    w.stats.incomplete += incomplete;
+                    break (epoch, end, catch_up);
+                }
+                other @ SeveralOutcome::AlreadyDone { .. } => {
+                    return Err(format!("the failover did not promote target {promote}: {other:?}"));
+                }
+            }
+        };
+        w.stats.caught_up += c.caught_up;
+        w.stats.records_caught_up += c.records;
+        for &(i, action) in &c.behind {
+            self.judge_blocks(w, i, action, &c)?;
+        }
+        self.check_sync_acked(w, end)?;
+        let mut cut = false;
+        let promoted = visible(w.targets[promote].tree.listing());
+        for &i in &c.leveled {
+            cut |= self.check_tree(w, i, end)?;
+            let have = visible(w.targets[i].tree.listing());
+            if have != promoted {
+                return Err(format!(
+                    "target {i}, leveled at LSN {end}, shows another tree than the promoted target {promote}: {}",
+                    listing_diff(&promoted, &have)
+                ));
+            }
+        }
+        if cut {
+            w.stats.cut_ops += 1;
+        }
+        // Invariant 4: again, after every node restarts: nothing to do, nothing changes.
+        let before = w.listings(&c.leveled);
+        w.crash_bunker();
+        w.crash_targets();
+        match w.run_failover_several(promote, block_bytes, None)? {
+            SeveralOutcome::AlreadyDone { epoch: e, end_lsn } if e == epoch && end_lsn == end => {}
+            other => return Err(format!("a second failover after promoting at epoch {epoch}, end {end}: {other:?}")),
+        }
+        for ((i, before), after) in c.leveled.iter().zip(&before).zip(w.listings(&c.leveled)) {
+            if after != *before {
+                return Err(format!("the second failover changed target {i}'s tree: {}", listing_diff(before, &after)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Invariant 1: every fsync acknowledged in sync mode is below the promoted `end`.
+    fn check_sync_acked(&self, w: &World, end: u64) -> Result<(), String> {
         if let Some(&lost) = w.model.sync_acked.iter().filter(|&&b| b > end).max() {
             return Err(format!(
                 "an fsync acknowledged in sync mode covered records below LSN {lost}, but the promoted target holds \
                  records only below {end}"
             ));
         }
-        let applied = w.target.core.as_ref().map(|t| t.position().applied_next);
+        Ok(())
+    }
+
+    /// Invariant 2 for target `i`, which holds and applied every record below `end`; returns
+    /// whether `end` cut an operation's records.
+    fn check_tree(&self, w: &World, i: usize, end: u64) -> Result<bool, String> {
+        let who = if w.targets.len() == 1 { "the promoted target".to_string() } else { format!("target {i}") };
+        let applied = w.targets[i].core.as_ref().map(|t| t.position().applied_next);
         if applied != Some(end) {
-            return Err(format!("the promoted target applied below {applied:?}, not below its end {end}"));
+            return Err(format!("{who} applied below {applied:?}, not below its end {end}"));
         }
-        let have = visible(w.target.tree.listing());
+        let have = visible(w.targets[i].tree.listing());
         let (want, cut) = w.model.expected(end)?;
         if !want.iter().any(|l| **l == have) {
             let last = want.last().expect("at least one");
@@ -1367,7 +1887,7 @@ impl Sim {
                 None => "it is the primary's tree at no point".to_string(),
             };
             return Err(format!(
-                "the promoted tree is not the primary's journal applied below LSN {end} ({other}): {}{}",
+                "the tree of {who} is not the primary's journal applied below LSN {end} ({other}): {}{}",
                 listing_diff(last, &have),
                 w.model.history_of_differences(last, &have)
             ));
@@ -1375,8 +1895,9 @@ impl Sim {
         Ok(cut)
     }
 
-    /// A gap passes only when a journal overflow explains it (module docs).
-    fn judge_refusal(&self, w: &mut World, why: &str, overflow: Option<String>) -> Result<(), String> {
+    /// A gap passes only when a journal overflow explains it (module docs); `i` is the target
+    /// the plan was made for.
+    fn judge_refusal(&self, w: &mut World, i: usize, why: &str, overflow: Option<String>) -> Result<(), String> {
         if why.contains("--allow-mixed") {
             // The primary ends a resync only once the bunker holds the records up to its read
             // end, unless the link is degraded (async): only then may the bunker lack them.
@@ -1396,14 +1917,14 @@ impl Sim {
             w.stats.refused_overflow += 1;
             return Ok(());
         }
-        if self.target_released.load(Ordering::Acquire) {
+        if self.target_released[i].load(Ordering::Acquire) {
             w.stats.refused_target_overflow += 1;
             return Ok(());
         }
-        let target_next = w.target.core.as_ref().map_or(0, |t| t.position().next_lsn);
+        let target_next = w.targets[i].core.as_ref().map_or(0, |t| t.position().next_lsn);
         // A target that owes a resync (its initial copy, say) holds no state a failover could
         // complete until the resync lands and its log continues at the resync's LSN.
-        let owes = match w.target_mode {
+        let owes = match w.target_modes[i] {
             Some(MapMode::FallenBack) => true,
             Some(MapMode::Resyncing { resume_from, .. }) => target_next < resume_from.0,
             _ => false,
@@ -1422,9 +1943,60 @@ impl Sim {
             String::new()
         };
         Err(format!(
-            "the failover was refused for a gap though neither the bunker's link nor the target's recorded a journal \
+            "the failover was refused for a gap though neither the bunker's link nor target {i}'s recorded a journal \
              overflow{hint}: {why}"
         ))
+    }
+
+    /// A target catch-up left behind passes only when explained (module docs).
+    fn judge_blocks(&self, w: &mut World, i: usize, action: Action, c: &CatchUp) -> Result<(), String> {
+        w.stats.needs_blocks += 1;
+        let Action::Blocks { from, why } = action else {
+            return Err(format!("target {i} is behind with {action:?}"));
+        };
+        match why {
+            BlocksWhy::MixedUntil(m) => {
+                // As for one target's `--allow-mixed` refusal: only a degraded link lets a
+                // resync end before the bunker holds the records up to its read end.
+                if w.link_degraded {
+                    w.stats.blocks_mixed += 1;
+                    return Ok(());
+                }
+                Err(format!(
+                    "catch-up left target {i} behind: a resync left its directory mixed until LSN {m}, past the end, \
+                     though the bunker link was in sync mode"
+                ))
+            }
+            BlocksWhy::LogStartsAt(start) => {
+                if from >= c.bunker_start && c.bunker_next >= start {
+                    w.stats.blocks_bunker_held += 1;
+                }
+                let (t, src) = (&w.targets[i], &w.targets[c.source]);
+                if t.unheld_below > from {
+                    w.stats.blocks_unheld += 1;
+                } else if src.restarted_at > from {
+                    w.stats.blocks_source_resynced += 1;
+                } else if src.overflows() > 0 {
+                    w.stats.blocks_log_freed += 1;
+                } else {
+                    return Err(format!(
+                        "catch-up left target {i} behind: it lacks records from LSN {from} on, and the log of target \
+                         {} (the most advanced) starts at {start} (it started at {} when catch-up looked), though \
+                         no watermark past {from} was sent while target {i} did not hold it back (the highest: {}), \
+                         no resync restarted that log past it (the last at {}) and that log never let go; target \
+                         {i}'s sync map at the crash: {:?}, target {}'s hold now: {:?}",
+                        c.source,
+                        c.source_start,
+                        t.unheld_below.saturating_sub(1),
+                        src.restarted_at,
+                        w.target_modes[i],
+                        c.source,
+                        src.core.as_ref().map(|c| c.watermark_hold()),
+                    ));
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -1662,7 +2234,7 @@ fn link_config() -> BunkerConfig {
     c
 }
 
-/// The hub's retention, noting when it lets the target go (a journal overflow).
+/// The hub's retention, noting when it lets a target go (a journal overflow).
 struct NotedRelease {
     hub: Arc<Hub<SimStorage>>,
     sim: Weak<Sim>,
@@ -1675,10 +2247,11 @@ impl Retention for NotedRelease {
 
     fn release(&self) {
         self.hub.release();
-        if self.hub.links.iter().any(|l| l.lock().released)
-            && let Some(sim) = self.sim.upgrade()
-        {
-            sim.target_released.store(true, Ordering::Release);
+        let Some(sim) = self.sim.upgrade() else { return };
+        for (link, noted) in self.hub.links.iter().zip(&sim.target_released) {
+            if link.lock().released {
+                noted.store(true, Ordering::Release);
+            }
         }
     }
 }
@@ -1714,6 +2287,12 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
     if rng.gen_range(0..1000) < cfg.sparse_fsync_permille {
         cfg.fsync_permille = rng.gen_range(1..6);
     }
+    let crash_at = rng.gen_range(cfg.crash_tick_min..=cfg.crash_tick_max);
+    let world_seed: u64 = rng.r#gen();
+    let n = rng.gen_range(1..=cfg.targets_max.max(1));
+    if n > 1 && rng.gen_range(0..1000) < cfg.small_target_log_permille {
+        cfg.target_geometry = cfg.primary_geometry;
+    }
     let cfg = &cfg;
     let storage = SimStorage::new();
     let tree = TurnTree { sim: SimTree::new(), world: OnceLock::new() };
@@ -1722,8 +2301,8 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
         Core::new(opened.journal, tree, IdTable::from_snapshot(opened.ids.snapshot()), CoreConfig::default())
             .map_err(|e| e.to_string())?,
     );
-    let hub =
-        Hub::new(primary.journal.clone(), vec![("sim://target".into(), Lsn(0), SyncMap::new_needing_full_sync())]);
+    let maps = (0..n).map(|i| (format!("sim://target{i}"), Lsn(0), SyncMap::new_needing_full_sync())).collect();
+    let hub = Hub::new(primary.journal.clone(), maps);
     primary.set_marks(hub.clone());
     hub.persist()?;
     let set_id = primary.journal.superblock().set_id;
@@ -1735,10 +2314,9 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
         states: vec![(1, visible(primary.tree.sim.listing()))],
         sync_acked: Vec::new(),
     };
-    let crash_at = rng.gen_range(cfg.crash_tick_min..=cfg.crash_tick_max);
     let stop_shipper = Arc::new(AtomicBool::new(false));
     let world = World {
-        rng: ChaCha8Rng::seed_from_u64(rng.r#gen()),
+        rng: ChaCha8Rng::seed_from_u64(world_seed),
         cfg: *cfg,
         tick: 0,
         crash_at,
@@ -1748,19 +2326,13 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
         dead: false,
         primary: primary.clone(),
         set_id,
-        target_mode: None,
+        target_modes: vec![None; n],
         link_degraded: false,
         model,
         bunker: BunkerNode { storage: SimStorage::new(), core: None, down: 0, cut: 0, generation: 0 },
-        target: TargetNode {
-            storage: SimStorage::new(),
-            tree: SimTree::new(),
-            core: None,
-            cut: 0,
-            generation: 0,
-            state_dir: tempfile::tempdir().map_err(|e| e.to_string())?,
-        },
-        stats: FailoverStats::default(),
+        targets: (0..n).map(|_| TargetNode::new()).collect::<Result<_, _>>()?,
+        hub: hub.clone(),
+        stats: FailoverStats { targets: n as u64, several: (n > 1) as u64, ..FailoverStats::default() },
         failure: None,
     };
     let sim = Arc::new(Sim {
@@ -1770,7 +2342,7 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
         stop_shipper: stop_shipper.clone(),
         link: OnceLock::new(),
         own_floor_max: AtomicU64::new(0),
-        target_released: AtomicBool::new(false),
+        target_released: (0..n).map(|_| AtomicBool::new(false)).collect(),
         seed,
     });
     let link = BunkerLink::new(primary.journal.clone(), link_config(), link_hooks(hub.clone(), Arc::downgrade(&sim)));
@@ -1789,15 +2361,54 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
         backoff_max: Duration::ZERO,
         idle_wait: Duration::ZERO,
         silence_max: NEVER,
+        watermark_every: Duration::ZERO,
+        watermark_refresh: NEVER,
     };
-    let shipper =
-        Shipper { hub: hub.clone(), link: hub.links[0].clone(), source: primary.clone(), stop: stop_shipper, timing };
-    shipper.run(Box::new(SimTargetConnector(sim.clone())));
-    // The shipper returns once the primary is dead; the link's thread ends at its next turn
-    // point (its fence hook says so); then it is joined.
+    // One shipper per target, each on its own thread, which runs first up to its first call
+    // to its connector (module docs).
+    let mut shippers = Vec::new();
+    for i in 0..n {
+        let shipper = Shipper {
+            hub: hub.clone(),
+            link: hub.links[i].clone(),
+            source: primary.clone(),
+            stop: stop_shipper.clone(),
+            timing,
+        };
+        {
+            let mut w = sim.lock();
+            sim.hand_turn(&mut w, Turn::Shipper(i));
+        }
+        let s = sim.clone();
+        let thread = std::thread::Builder::new().name(format!("sim-shipper-{i}")).spawn(move || {
+            let connector = Box::new(SimTargetConnector { sim: s.clone(), i });
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shipper.run(connector)));
+            // A shipper returns only once the primary is dead; if it did before, or panicked,
+            // the main thread waiting for its turn is let go.
+            let mut w = s.lock();
+            if run.is_err() {
+                w.fail(format!("the shipper of target {i} panicked (see above)"));
+            } else if !w.dead {
+                w.fail(format!("the shipper of target {i} returned while the primary was alive"));
+            }
+            if !w.dead {
+                s.die(&mut w);
+            }
+        });
+        shippers.push(thread.map_err(|e| format!("starting a shipper's thread: {e}"))?);
+        drop(sim.wait_turn(sim.lock(), Turn::Main));
+    }
+    while sim.main_tick() {}
+    // The shippers return once the primary is dead; the link's thread ends at its next turn
+    // point (its fence hook says so); then both are joined.
     if !sim.dead.load(Ordering::Acquire) {
         let mut w = sim.lock();
         sim.die(&mut w);
+    }
+    for (i, t) in shippers.into_iter().enumerate() {
+        if t.join().is_err() {
+            return Err(format!("the shipper of target {i}'s thread panicked"));
+        }
     }
     let until = Instant::now() + TURN_WAIT_MAX;
     while link.snapshot().fenced_epoch.is_none() {
@@ -1810,7 +2421,7 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
     link.stop();
     let overflow = snap.last_error.filter(|e| e.contains("overflowed"));
     let mut w = sim.lock();
-    w.target_mode = Some(hub.links[0].lock().map.mode());
+    w.target_modes = hub.links.iter().map(|l| Some(l.lock().map.mode())).collect();
     w.link_degraded = snap.degraded.is_some();
     if overflow.is_some() {
         w.stats.overflows += 1;
@@ -1818,6 +2429,6 @@ pub fn run_failover_seed(seed: u64, cfg: &FailoverConfig) -> Result<FailoverStat
     if let Some(f) = w.failure.take() {
         return Err(f);
     }
-    sim.failover(&mut w, overflow).map_err(|e| format!("{e} (primary crashed at tick {crash_at})"))?;
+    sim.failover(&mut w, overflow).map_err(|e| format!("{e} (primary crashed at tick {crash_at}, {n} targets)"))?;
     Ok(w.stats.clone())
 }

@@ -517,6 +517,7 @@ pub fn run_net_seed(seed: u64, cfg: &NetConfig) -> Result<NetStats, String> {
         backoff_max: Duration::ZERO,
         idle_wait: Duration::ZERO,
         silence_max: Duration::from_secs(1 << 30),
+        ..Timing::default()
     };
     let shipper = Shipper { hub: hub.clone(), link: hub.links[0].clone(), source: primary.clone(), stop, timing };
     shipper.run(Box::new(SimConnector(world.clone())));
