@@ -1613,6 +1613,25 @@ fn run_failover_several(
         }
         scan = moved;
     }
+    // Every other target the bunker can serve gets its records from the bunker too: catch-up
+    // from the most advanced target's log cannot reach one behind that log's start (found by
+    // this simulation, seed 61: a target in order, the bunker holding what it lacked).
+    for i in (0..targets.len()).filter(|i| *i != adv) {
+        let from_i = targets[i].position().next_lsn;
+        if from_i >= bunker_next || from_i < bunker.log().start_lsn.0 {
+            continue;
+        }
+        let read = |at: Lsn, out: &mut Vec<u8>| {
+            bunker.read(at, block_bytes, out).map_err(|e| format!("reading the bunker: {e}"))
+        };
+        let what = format!("the bunker's records to target {i}");
+        let Some((_, acked)) = move_blocks(&what, &read, &targets[i], from_i, model, &mut blocks, cut_after)? else {
+            return Ok(SeveralOutcome::Interrupted);
+        };
+        if acked != Some(Lsn(bunker_next - 1)) {
+            return Err(format!("target {i} acked {acked:?} of the bunker's records below {bunker_next}"));
+        }
+    }
     // `ferryfs catchup`: each target as it stands now.
     let peers = targets
         .iter()
