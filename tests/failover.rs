@@ -294,7 +294,7 @@ fn failback_resyncs_only_the_blocks_that_differ() {
 #[test]
 fn failover_with_several_targets_levels_them_and_the_others_follow_the_new_primary() {
     let mut s = setup("sync");
-    let second = TargetProc::start(&[]);
+    let mut second = TargetProc::start(&[]);
     let proxy2 = FaultProxy::start(second.addr);
     let urls = [s.proxy.url(), proxy2.url()];
     s.primary.restart_with(&[
@@ -336,8 +336,11 @@ fn failover_with_several_targets_levels_them_and_the_others_follow_the_new_prima
     let again = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success() && again.contains("already failed over"), "second failover:\n{again}");
 
-    // The promoted target becomes the new primary, with the other as its target.
+    // The promoted target becomes the new primary, with the other as its target (restarted
+    // meanwhile: it re-applies from its checkpoint, and is still known as leveled).
     s.target.stop();
+    second.stop();
+    second.restart();
     let before = proxy2.bytes_to_upstream();
     let newp = Mount::start_on(&s.target.dir, &s.target.state.join("log"), &["--target", &urls[1]]);
     put(&newp.mnt.join("after"), 0, 256 << 10, 300);

@@ -242,7 +242,7 @@ impl<S: Storage> Shipper<S> {
 
     /// A target new to this primary that was leveled with it at the failover that promoted it
     /// (design §5, "Several targets"; `ferryfs failover` with several `--target`s): same
-    /// epoch, its log and directory exactly at the promotion's fork. Its history is ours up to
+    /// epoch, its log ending exactly at the promotion's fork. Its history is ours up to
     /// there, so it follows without a full copy: ordered from the fork when the journal still
     /// holds it, else a resync of the locations changed since the promotion (the
     /// since-promotion map). `None` when the target is no such sibling.
@@ -250,7 +250,9 @@ impl<S: Storage> Shipper<S> {
         let pos = s.position();
         let journal = self.hub.journal();
         let Some((fork, _)) = self.hub.since_promotion() else { return Ok(None) };
-        let leveled = pos.epoch == journal.epoch() && pos.next_lsn == fork && pos.applied_next == fork;
+        // Its log ends at the fork; what it has not applied yet (a restart resets that to its
+        // checkpoint) it applies once our first `Settled` covers it, as any target does.
+        let leveled = pos.epoch == journal.epoch() && pos.next_lsn == fork;
         if !leveled || !self.link.lock().map.full_resync_owed() {
             return Ok(None);
         }
