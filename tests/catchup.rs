@@ -157,3 +157,30 @@ fn catchup_refuses_a_peer_that_serves_garbage_and_changes_nothing() {
     assert_eq!(std::fs::read(a.dir.join("x")).unwrap(), before);
     assert!(!a.log().contains("caught up"), "the good target applied something:\n{}", a.log());
 }
+
+#[test]
+fn catchup_refuses_targets_of_two_epochs_and_changes_nothing() {
+    // One set, a bunker and two targets; the primary stops; a failover promotes the first
+    // target alone (epoch 1): the second stays at epoch 0, its history may differ from there.
+    let base = tempfile::tempdir().unwrap();
+    let bdir = base.path().join("bunker");
+    std::fs::create_dir(&bdir).unwrap();
+    let bunker = common::node::NodeProc::start(
+        base.path().join("bunker.log"),
+        vec!["bunker".into(), "--dir".into(), bdir.into_os_string()],
+    );
+    let (a, b) = (TargetProc::start(&[]), TargetProc::start(&[]));
+    let mut m = Mount::start_with(&["--target", &a.url(), "--target", &b.url(), "--bunker", &bunker.url()]);
+    std::fs::write(m.mnt.join("x"), b"data").unwrap();
+    std::fs::File::open(m.mnt.join("x")).unwrap().sync_all().unwrap();
+    common::target::wait_converged(&m.journal, &m.backing, &[&a.dir, &b.dir], Duration::from_secs(60));
+    assert!(m.stop().success());
+    let out = ferryfs().args(["failover", "--bunker", &bunker.url(), "--target", &a.url()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before = std::fs::read(b.dir.join("x")).unwrap();
+    let (code, text) = catchup(&[a.url(), b.url()], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("epoch") && text.contains("Nothing was changed"), "{text}");
+    assert_eq!(std::fs::read(b.dir.join("x")).unwrap(), before);
+    assert!(!b.log().contains("caught up"), "{}", b.log());
+}
