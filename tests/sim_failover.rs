@@ -1,4 +1,4 @@
-//! Failover in the deterministic simulation (sim/failover.rs): a primary mirrored in sync mode
+//! Failover in the deterministic simulation (sim/failover/): a primary mirrored in sync mode
 //! to a bunker and shipping to one to three lagging targets, faults on every network, bunker
 //! and target crashes, then the primary's crash and the failover as `ferryfs failover` runs it
 //! (with several `--target`s: the bunker's records to the most advanced, catch-up levels the
