@@ -289,14 +289,20 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
     /// by the log-bound test under load: the primary resent from the durable end, the log
     /// refused it as out of order, for ever).
     pub fn status_msg(&self) -> ControlMsg {
-        if let Err(e) = self.journal.sync() {
-            tracing::error!("syncing the target's log before reporting where it stands: {e}");
-        }
+        self.settle_log();
         let p = self.position();
         ControlMsg::Status {
             next_lsn: p.next_lsn,
             durable_lsn: p.durable_next.saturating_sub(1),
             applied_lsn: p.applied_next.saturating_sub(1),
+        }
+    }
+
+    /// Makes every record appended so far durable, so that the durable end a new session
+    /// reports is the log's end (see `status_msg`).
+    pub fn settle_log(&self) {
+        if let Err(e) = self.journal.sync() {
+            tracing::error!("syncing the target's log before reporting where it stands: {e}");
         }
     }
 

@@ -272,6 +272,8 @@ impl LocalConnector {
 impl Connector for LocalConnector {
     fn connect(&mut self) -> Result<Box<dyn Session>, String> {
         let core = self.open()?;
+        // As a target process does before its Status: a cut-off append leaves no gap.
+        core.settle_log();
         let position = core.position();
         Ok(Box::new(LocalSession {
             core,
