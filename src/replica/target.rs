@@ -1394,4 +1394,21 @@ mod tests {
         t.checkpoint().unwrap();
         assert!(t.journal().superblock().start_lsn > Lsn(21), "{:?}", t.journal().superblock().start_lsn);
     }
+
+    #[test]
+    fn a_session_starts_with_every_appended_record_durable() {
+        // A frame cut off after its records were appended, before the flush (a full log): the
+        // durable end must not lag the log's end when the next session begins, or the
+        // primary resends from there and the log refuses it as out of order, for ever.
+        let state = tempfile::tempdir().unwrap();
+        let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+        let t = TargetCore::create(SimStorage::new(), g, [7; 16], SimTree::new(), state.path()).unwrap();
+        t.journal().append_raw(&primary_records(3)).unwrap();
+        assert_eq!(t.position().next_lsn, 4);
+        assert!(t.position().durable_next < 4, "the test needs records appended and not yet durable");
+        match t.status_msg() {
+            ControlMsg::Status { next_lsn, durable_lsn, .. } => assert_eq!((next_lsn, durable_lsn), (4, 3)),
+            other => panic!("{other:?}"),
+        }
+    }
 }
