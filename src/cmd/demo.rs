@@ -186,8 +186,8 @@ impl MountGuard {
     /// SIGTERM and wait: the mount unmounts and closes its journal cleanly.
     fn stop(&mut self) -> Result<()> {
         let Some(mut c) = self.child.take() else { return Ok(()) };
-        // SAFETY: kill(2) on the pid of our own child, not yet waited for.
-        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        // Our own child, not yet waited for: the pid is still its.
+        let _ = crate::os::terminate(c.id());
         let deadline = Instant::now() + CLEAN_STOP;
         let status = loop {
             if let Some(s) = c.try_wait()? {
@@ -323,11 +323,7 @@ const OVERWRITE_BYTES: usize = 1 << 20;
 const AFTER_FILES: u64 = 40;
 
 fn set_xattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
-    let c = CString::new(p.as_os_str().as_bytes())?;
-    let n = CString::new(name)?;
-    // SAFETY: NUL-terminated path and name; the value buffer is valid for its length.
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    crate::os::set_xattr_at_path(p, name.as_bytes(), value)
 }
 
 fn chown(p: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
@@ -1040,31 +1036,13 @@ fn entry(p: &Path) -> Result<Entry> {
 
 /// Every extended attribute of `p` (not following a symlink) but ferryfs's own.
 fn xattrs(p: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
-    let c = CString::new(p.as_os_str().as_bytes())?;
     let mut out = BTreeMap::new();
-    let mut names = vec![0u8; 64 << 10];
-    // SAFETY: the buffer is valid for its length; the path is NUL-terminated.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            return Ok(out);
-        }
-        return Err(e).with_context(|| format!("listing the xattrs of {}", p.display()));
-    }
+    let names = crate::os::list_xattrs_at_path(p).with_context(|| format!("listing the xattrs of {}", p.display()))?;
     let private = crate::io::PRIVATE_XATTR_PREFIX;
-    for name in names[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty() && !n.starts_with(private)) {
-        let cn = CString::new(name)?;
-        let mut v = vec![0u8; 64 << 10];
-        // SAFETY: as above.
-        let len = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        if len < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(e)
-                .with_context(|| format!("reading xattr {} of {}", String::from_utf8_lossy(name), p.display()));
-        }
-        v.truncate(len as usize);
-        out.insert(name.to_vec(), v);
+    for name in names.into_iter().filter(|n| !n.starts_with(private)) {
+        let v = crate::os::get_xattr_at_path(p, &name)
+            .with_context(|| format!("reading xattr {} of {}", String::from_utf8_lossy(&name), p.display()))?;
+        out.insert(name, v);
     }
     Ok(out)
 }
