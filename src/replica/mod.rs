@@ -7,3 +7,5 @@ pub mod bunker;
 pub mod catchup;
 pub mod failover;
 pub mod target;
+#[cfg(test)]
+mod target_tests;
