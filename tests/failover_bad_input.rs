@@ -126,37 +126,19 @@ fn failback_refuses_bad_directories_and_creates_nothing() {
     let state = tmp.path().join("state");
     fs::create_dir(&state).unwrap();
     let s = state.display().to_string();
+    let failback =
+        |j: &str, s: &str| run(&["failback", "--journal", j, "--backing", &b, "--state", s, "--listen", "127.0.0.1:0"]);
     // Mounted: its journal is locked.
-    let (ok, text) = run(&["failback", "--journal", &j, "--backing", &b, "--state", &s, "--listen", "127.0.0.1:0"]);
+    let (ok, text) = failback(&j, &s);
     assert!(!ok && (text.contains("lock") || text.contains("in use")), "{text}");
     // Overlapping state and backing.
     let inside = m.backing.join("st");
-    let (ok, text) = run(&[
-        "failback",
-        "--journal",
-        &j,
-        "--backing",
-        &b,
-        "--state",
-        &inside.display().to_string(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let (ok, text) = failback(&j, &inside.display().to_string());
     assert!(!ok && text.contains("--state"), "{text}");
     // Not a journal.
-    let (ok, text) = run(&["failback", "--journal", &s, "--backing", &b, "--state", &s, "--listen", "127.0.0.1:0"]);
+    let (ok, text) = failback(&s, &s);
     assert!(!ok, "{text}");
-    let (ok, text) = run(&[
-        "failback",
-        "--journal",
-        &j,
-        "--backing",
-        &b,
-        "--state",
-        "/nonexistent-state",
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let (ok, text) = failback(&j, "/nonexistent-state");
     assert!(!ok && text.contains("--state"), "{text}");
     assert!(fs::read_dir(&state).unwrap().next().is_none(), "something was created in --state");
     assert!(!inside.exists());

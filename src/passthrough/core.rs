@@ -342,7 +342,8 @@ impl<S: Storage, T: Tree> Core<S, T> {
         // A truncate destroys the bytes from the new size to the old one: a target that lacks
         // the op must get them again even if the file grows back over them (as zeros or new
         // data) before a resync. A size that cannot be read marks everything past the new one.
-        let destroyed = attr.size.and_then(|new| {
+        // Without targets nothing is marked, and the size is not read.
+        let destroyed = attr.size.filter(|_| self.marks.get().is_some()).and_then(|new| {
             let old = self.tree.size(&node).unwrap_or(u64::MAX);
             (old > new).then(|| (id, new, old - new))
         });

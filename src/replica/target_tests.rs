@@ -158,3 +158,27 @@ fn a_session_starts_with_every_appended_record_durable() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_catch_up_applies_only_a_log_that_ends_where_it_says_and_serves_only_what_it_holds() {
+    let state = tempfile::tempdir().unwrap();
+    let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+    let t = TargetCore::create(SimStorage::new(), g, [7; 16], SimTree::new(), state.path()).unwrap();
+    t.receive(&primary_records(5)).unwrap();
+    // ApplyLog{end} is refused unless the log ends exactly there; nothing is applied.
+    assert!(t.apply_log(Lsn(9)).is_err());
+    assert!(t.apply_log(Lsn(3)).is_err());
+    assert_eq!(t.position().applied_next, 1);
+    t.apply_log(Lsn(6)).unwrap();
+    assert_eq!(t.position().applied_next, 6);
+    // ReadLog: records from an LSN to the end; nothing past it; a freed start is refused.
+    let mut out = Vec::new();
+    assert_eq!(t.read_log(Lsn(3), 1 << 20, &mut out).unwrap(), Lsn(6));
+    assert_eq!(crate::proto::wire::split_records(&out).count(), 3);
+    out.clear();
+    assert_eq!(t.read_log(Lsn(6), 1 << 20, &mut out).unwrap(), Lsn(6));
+    assert!(out.is_empty());
+    t.follow_applied();
+    t.journal().restart_at(Lsn(6), FileId(100)).unwrap();
+    assert!(t.read_log(Lsn(3), 1 << 20, &mut out).unwrap_err().to_string().contains("no longer holds record 3"));
+}
