@@ -137,6 +137,11 @@ pub trait Tree: Send + Sync + 'static {
     fn get_xattr(&self, node: &Self::Node, name: &[u8]) -> io::Result<Vec<u8>>;
     /// The names of the object's xattrs (every namespace the process may see).
     fn list_xattrs(&self, node: &Self::Node) -> io::Result<Vec<Vec<u8>>>;
+    /// The object as a resync describes it (kind, mode, owner, rdev, size, times, a symlink's
+    /// target), with id 0 and no xattrs: a target's tree serving a peer (`replica::blocks`).
+    fn describe(&self, node: &Self::Node) -> io::Result<crate::proto::wire::control::NodeDesc>;
+    /// Reads a regular file at `offset` into `buf`; returns how many bytes (0 at its end).
+    fn read(&self, node: &Self::Node, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
 
     /// The primary's file id this object was tagged with by replication set `set_id`
     /// (`TAG_XATTR`); `None` when it has no tag, or one of another set.

@@ -31,6 +31,7 @@ use std::path::Path;
 use crate::format::ops::{NodeKind, SetAttr, Timestamp};
 use crate::io::{NewNode, Tree};
 use crate::limits::HANDLE_MAX;
+use crate::proto::wire::control::NodeDesc;
 use crate::types::Handle;
 
 /// Bytes of the handle type that precede `f_handle` in an encoded `Handle`.
@@ -262,6 +263,34 @@ impl Tree for OsTree {
     fn list_xattrs(&self, node: &OsNode) -> io::Result<Vec<Vec<u8>>> {
         Ok(list_xattr(node)?.split(|&b| b == 0).filter(|n| !n.is_empty()).map(<[u8]>::to_vec).collect())
     }
+
+    fn describe(&self, node: &OsNode) -> io::Result<NodeDesc> {
+        describe(node)
+    }
+
+    fn read(&self, node: &OsNode, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        File::from(reopen(node, libc::O_RDONLY)?).read_at(buf, offset)
+    }
+}
+
+/// The object as a resync describes it: id 0 and no xattrs (the caller adds those).
+pub fn describe(node: &OsNode) -> io::Result<NodeDesc> {
+    let st = stat(node)?;
+    let kind = kind_of_mode(st.st_mode)?;
+    let target = if kind == NodeKind::Symlink { read_link(node)? } else { Vec::new() };
+    Ok(NodeDesc {
+        id: 0,
+        kind: kind as u8,
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev,
+        size: if kind == NodeKind::File { st.st_size as u64 } else { 0 },
+        atime: (st.st_atime, st.st_atime_nsec as u32),
+        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        target,
+        xattrs: Vec::new(),
+    })
 }
 
 /// The node kind of an `st_mode`; `EINVAL` for a type ferryfs does not know.

@@ -3,6 +3,7 @@
 pub mod apply;
 #[cfg(test)]
 mod apply_tests;
+pub mod blocks;
 pub mod bunker;
 pub mod catchup;
 pub mod failover;

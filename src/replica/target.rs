@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::apply::{Applied, Applier, ApplyError};
+use super::blocks;
 use crate::format::ids::IdSnapshot;
 use crate::format::ops::Op;
 use crate::format::record::{self, HEADER_SIZE, Kind};
@@ -516,6 +517,36 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         }
         self.apply_all(end_lsn)?;
         self.checkpoint()
+    }
+
+    /// Block-level resync, the behind target's side (`replica::blocks`): the digest of every
+    /// block of its directory, to `sink`. Returns (files, blocks).
+    pub fn send_digests(&self, sink: blocks::Sink<'_>) -> Result<(u64, u64), TargetError> {
+        let a = self.applier.lock().unwrap();
+        blocks::send_digests(a.tree(), &self.set_id(), sink).map_err(TargetError::Protocol)
+    }
+
+    /// Block-level resync, the source's side (`replica::blocks`): this directory, the primary's
+    /// journal applied below `resume`, as a resync of a peer whose digests are `theirs`. Refused
+    /// unless every record below `resume`, and none past it, is applied here.
+    pub fn send_block_resync(
+        &self,
+        theirs: &blocks::PeerDigests,
+        plan: u64,
+        resume: Lsn,
+        sink: blocks::Sink<'_>,
+    ) -> Result<blocks::BlockStats, TargetError> {
+        let applied = self.applied_next.load(Ordering::Acquire);
+        let next = self.journal.next_lsn();
+        if applied != resume.0 || next != resume {
+            return Err(TargetError::Protocol(format!(
+                "a block-level resync from this target must show the journal applied below LSN {}, but it \
+                 holds records below {} and applied below {applied} (run the catch-up's ApplyLog first)",
+                resume.0, next.0
+            )));
+        }
+        let a = self.applier.lock().unwrap();
+        blocks::send_block_resync(a.tree(), &self.set_id(), theirs, plan, resume.0, sink).map_err(TargetError::Protocol)
     }
 
     /// Where applying stands, for diagnostics: cursor, usable limit, queued notices.

@@ -3,7 +3,6 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use crate::format::ops::NodeKind;
 use crate::io::Storage;
 use crate::os::tree::{self as ostree, OsNode, OsTree};
 use crate::passthrough::Core;
@@ -69,30 +68,7 @@ impl<S: Storage> EntriesNow for Core<S, OsTree> {
 }
 
 fn describe_node(id: FileId, node: &OsNode, xattrs: bool) -> io::Result<NodeDesc> {
-    let st = ostree::stat(node)?;
-    let kind = match st.st_mode & libc::S_IFMT {
-        libc::S_IFREG => NodeKind::File,
-        libc::S_IFDIR => NodeKind::Dir,
-        libc::S_IFLNK => NodeKind::Symlink,
-        libc::S_IFIFO => NodeKind::Fifo,
-        libc::S_IFSOCK => NodeKind::Socket,
-        libc::S_IFCHR => NodeKind::CharDev,
-        _ => NodeKind::BlockDev,
-    };
-    let target = if kind == NodeKind::Symlink { ostree::read_link(node)? } else { Vec::new() };
-    let mut desc = NodeDesc {
-        id: id.0,
-        kind: kind as u8,
-        mode: st.st_mode & 0o7777,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        rdev: st.st_rdev,
-        size: if kind == NodeKind::File { st.st_size as u64 } else { 0 },
-        atime: (st.st_atime, st.st_atime_nsec as u32),
-        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
-        target,
-        xattrs: Vec::new(),
-    };
+    let mut desc = NodeDesc { id: id.0, ..ostree::describe(node)? };
     if xattrs {
         let list = ostree::list_xattr(node)?;
         for name in list.split(|&b| b == 0).filter(|n| !n.is_empty() && !n.starts_with(PRIVATE_XATTR_PREFIX)) {

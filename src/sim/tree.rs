@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::format::ops::{NodeKind, SetAttr};
 use crate::io::{NewNode, Tree};
+use crate::proto::wire::control::NodeDesc;
 use crate::types::Handle;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -403,5 +404,32 @@ impl Tree for SimTree {
 
     fn list_xattrs(&self, node: &SimNode) -> io::Result<Vec<Vec<u8>>> {
         Ok(self.s.lock().unwrap().current.get(node)?.xattrs.keys().cloned().collect())
+    }
+
+    /// The simulated tree keeps no times and no device numbers: those are 0.
+    fn describe(&self, node: &SimNode) -> io::Result<NodeDesc> {
+        let s = self.s.lock().unwrap();
+        let i = s.current.get(node)?;
+        Ok(NodeDesc {
+            kind: i.kind as u8,
+            mode: i.mode & 0o7777,
+            uid: i.uid,
+            gid: i.gid,
+            size: if i.kind == NodeKind::File { i.data.len() as u64 } else { 0 },
+            target: i.target.clone(),
+            ..NodeDesc::default()
+        })
+    }
+
+    fn read(&self, node: &SimNode, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let s = self.s.lock().unwrap();
+        let i = s.current.get(node)?;
+        if i.kind != NodeKind::File {
+            return Err(err(libc::EISDIR));
+        }
+        let from = (offset as usize).min(i.data.len());
+        let n = buf.len().min(i.data.len() - from);
+        buf[..n].copy_from_slice(&i.data[from..from + n]);
+        Ok(n)
     }
 }

@@ -27,8 +27,9 @@ pub const HELLO_MAGIC: [u8; 8] = *b"FRYWIRE\0";
 /// 1.1 added the bunker, failover and failback messages (`LogInfo` … `DirtyMap`) and a
 /// target's `LogInfo` after its `Status`; 1.2 a resync's read end (`ResyncRead`) and a
 /// target's `MixedUntil` to a failover tool; 1.3 the all-acked watermark to targets
-/// (`Watermark`, answered by the target's `LogInfo`).
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 3 };
+/// (`Watermark`, answered by the target's `LogInfo`); 1.4 the block-level resync of one
+/// target from another (`DigestRequest` … `BlockResync`).
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 4 };
 /// The first minor with the bunker, failover and failback messages.
 pub const MINOR_FAILOVER: u16 = 1;
 /// The first minor with `ResyncRead` and `MixedUntil`.
@@ -36,6 +37,9 @@ pub const MINOR_RESYNC_READ: u16 = 2;
 /// The first minor in which a primary sends targets the all-acked `Watermark` (claim 002:1)
 /// and a target answers each with its `LogInfo`.
 pub const MINOR_WATERMARK: u16 = 3;
+/// The first minor in which a target serves a catch-up tool its block digests and a
+/// block-level resync of a peer (`DigestRequest`, `FileDigests`, `DigestEnd`, `BlockResync`).
+pub const MINOR_BLOCKS: u16 = 4;
 /// Length of the hello this build sends (protocol 1.0).
 pub const HELLO_LEN: usize = 96;
 /// Longest hello accepted: a later 1.x may append fields before the crc, up to this.
@@ -967,6 +971,20 @@ pub mod control {
         /// them all (transactions without an outcome by the failover rule), checkpoint, reply
         /// `LogInfo`. A target also serves `ReadLog` (answered as a bunker does) to the tool.
         ApplyLog { end_lsn: u64 },
+        /// Catch-up tool to a target behind every log (1.4): send the digest of every block
+        /// of every regular file of your directory (`FileDigests`…, then `DigestEnd`).
+        DigestRequest,
+        /// A target's digests of file `file` (the primary's id), `DIGEST_LEN` bytes per
+        /// `DIGEST_BLOCK` bytes of its contents from block `first_block` on, in order
+        /// (`replica::blocks`). A long file comes in several messages.
+        FileDigests { file: u64, first_block: u64, digests: Vec<u8> },
+        /// The last of a digest stream: how many files and blocks it described.
+        DigestEnd { files: u64, blocks: u64 },
+        /// Catch-up tool to the most advanced target (1.4): the digests of a peer follow
+        /// (`FileDigests`…, `DigestEnd`); answer with a resync of that peer, `plan`, to be
+        /// resumed at `resume_lsn` (`ResyncBegin` … `ResyncEnd`, as a primary sends one),
+        /// whose `Data` holds only the blocks whose digests differ from the peer's.
+        BlockResync { plan: u64, resume_lsn: u64 },
     }
 
     /// An object as a resync describes it (the primary's file id; the rest as `stat` says).

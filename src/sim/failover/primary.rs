@@ -107,6 +107,12 @@ impl Tree for TurnTree {
     fn list_xattrs(&self, node: &SimNode) -> io::Result<Vec<Vec<u8>>> {
         self.sim.list_xattrs(node)
     }
+    fn describe(&self, node: &SimNode) -> io::Result<crate::proto::wire::control::NodeDesc> {
+        self.sim.describe(node)
+    }
+    fn read(&self, node: &SimNode, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.sim.read(node, offset, buf)
+    }
 }
 
 /// What a resync reads from the primary (as `sim::replication` has it for a plain `SimTree`).
