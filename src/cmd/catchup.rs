@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use super::common;
-use super::failover::{TcpTarget, hex, move_records, tcp_addr};
+use super::failover::{SILENCE_MAX, TcpTarget, hex, move_records, recv, tcp_addr};
 use super::replication::read_key;
-use crate::proto::wire::Key;
+use crate::proto::wire::control::ControlMsg;
+use crate::proto::wire::{Frame, Key, MINOR_BLOCKS};
+use crate::replica::blocks::{DIGEST_BLOCK, PeerDigests};
 use crate::replica::catchup::{Action, BlocksWhy, Peer, plan};
 use crate::replica::failover::IncompleteScan;
 use crate::types::Lsn;
@@ -34,13 +36,19 @@ of about 8 MiB; each target lands a block in its staging file, checks every reco
 appends it to its log and makes it durable before it acknowledges it.\n\
 4. Has every target apply its whole log up to the common end (transactions without an outcome by the \
 failover rule, as `ferryfs failover` does), so all show the same tree: the primary's journal applied up to \
-that LSN.\n\n\
-A target behind the start of the advanced target's log (its records were freed: it was away longer than \
---target-timeout, or a log filled) cannot be caught up from records; the output says so and it is left as it \
-is (resynchronize it from the new primary after the failover). Progress is shown; --dry-run says what would \
-be moved. Running it again is harmless: level targets get nothing.\n\n\
-Exit status: 0 when every target ends at the same LSN, 1 on any refusal or error, 2 when some target \
-needs a block-level resync (the others were leveled).",
+that LSN.\n\
+5. A target behind the start of the advanced target's log (its records were freed: it was away longer \
+than --target-timeout, or a log filled), or left mixed by a resync past the end, cannot be caught up from \
+records: it gets a block-level resync from the advanced target instead. It sends the digest of every 64 KiB \
+block of its directory; the advanced target compares them with its own blocks and sends only the blocks \
+that differ, with every directory's entries and every object's attributes; the target stages all of it and \
+applies it only once complete (a crash meanwhile finishes it at the next start), then its log continues at \
+the common end.\n\n\
+Progress is shown; --dry-run says what would be moved. Running it again is harmless: level targets get \
+nothing.\n\n\
+Exit status: 0 when every target ends at the same LSN, 1 on any refusal or error, 2 when a block-level \
+resync could not be done (named in the output; the others were leveled): resynchronize that target from \
+the new primary.",
     after_help = "EXAMPLE:\n  ferryfs catchup --target tcp://10.1.0.9:7070 --target tcp://10.2.0.4:7070 \
 --target tcp://10.3.0.7:7070 --key /etc/ferryfs/key"
 )]
@@ -111,6 +119,8 @@ pub fn catch_up(urls: &[String], key: Option<&std::path::Path>, dry_run: bool, f
     let (adv, end) = (plan.advanced, plan.end);
     eprintln!("most advanced: {} (every record below LSN {end})", urls[adv]);
     let mut behind = Vec::new();
+    // Targets that get a block-level resync (`Action::Blocks`), by index.
+    let mut wanted = Vec::new();
     let mut moved = (0u64, 0u64);
     let started = Instant::now();
     for (i, action) in plan.actions.iter().enumerate() {
@@ -127,8 +137,15 @@ pub fn catch_up(urls: &[String], key: Option<&std::path::Path>, dry_run: bool, f
                         format!("a resync left its directory mixed until LSN {m}, past the end {end}")
                     }
                 };
-                println!("{url}: NEEDS A BLOCK-LEVEL RESYNC: {reason}; left as it is");
-                behind.push(url.clone());
+                if dry_run {
+                    println!(
+                        "{url}: would get a block-level resync from {} (only the blocks whose digests differ): {reason}",
+                        urls[adv]
+                    );
+                } else {
+                    println!("{url}: needs a block-level resync: {reason}; it follows once the others are leveled");
+                }
+                wanted.push(i);
             }
             Action::Records { from } if dry_run => {
                 let mut scan = IncompleteScan::default();
@@ -158,12 +175,25 @@ pub fn catch_up(urls: &[String], key: Option<&std::path::Path>, dry_run: bool, f
         return Ok(Leveled { end, behind });
     }
     for (i, t) in targets.iter_mut().enumerate() {
-        if behind.contains(&urls[i]) {
+        if wanted.contains(&i) {
             continue;
         }
-        let v = t.apply_log(end).map_err(|e| anyhow::anyhow!("{}: applying its log: {e:#}", urls[i]))?;
-        if v.applied_next != end {
-            bail!("{} says it applied below {}, not below {end}", urls[i], v.applied_next);
+        apply_log(t, end, &urls[i])?;
+    }
+    // The source's directory is now the journal applied below `end`: the targets behind its
+    // log get the blocks in which they differ from it.
+    for &i in &wanted {
+        let done = if plan.actions[adv] != Action::Level {
+            Err(anyhow::anyhow!(
+                "{} itself is left mixed past its end, so no target shows a state to copy blocks from",
+                urls[adv]
+            ))
+        } else {
+            block_resync(&mut targets, adv, i, end, urls).and_then(|()| apply_log(&mut targets[i], end, &urls[i]))
+        };
+        if let Err(e) = done {
+            println!("{}: NEEDS A RESYNC: the block-level resync failed: {e:#}; left as it is", urls[i]);
+            behind.push(urls[i].clone());
         }
     }
     println!(
@@ -175,6 +205,15 @@ pub fn catch_up(urls: &[String], key: Option<&std::path::Path>, dry_run: bool, f
         started.elapsed().as_secs_f64()
     );
     Ok(Leveled { end, behind })
+}
+
+/// Has target `t` apply its log below `end` and checks that it did.
+fn apply_log(t: &mut TcpTarget, end: u64, url: &str) -> Result<()> {
+    let v = t.apply_log(end).map_err(|e| anyhow::anyhow!("{url}: applying its log: {e:#}"))?;
+    if v.applied_next != end {
+        bail!("{url} says it applied below {}, not below {end}", v.applied_next);
+    }
+    Ok(())
 }
 
 /// Connects to every target, as a failover tool; an error names the target.
@@ -193,4 +232,121 @@ fn relay(targets: &mut [TcpTarget], src: usize, dst: usize, from: u64, end: u64)
     let (source, sink) = if src < dst { (&mut a[src], &mut b[0]) } else { (&mut b[0], &mut a[dst]) };
     let scan = move_records(&mut |at, out| source.read_log(at, out), sink, from, end)?;
     Ok((scan.records, scan.bytes))
+}
+
+// ----- block-level resync (`replica::blocks`) ------------------------------------------------
+
+impl TcpTarget {
+    /// Every block digest of this target's directory (`FileDigests`…, `DigestEnd`), checked.
+    fn digests(&mut self) -> Result<Vec<ControlMsg>> {
+        self.writer.send(&Frame::Control(ControlMsg::DigestRequest))?;
+        let mut check = PeerDigests::default();
+        let mut msgs = Vec::new();
+        while !check.complete() {
+            match recv(&mut self.reader, "the target behind")? {
+                Frame::Control(m) => {
+                    check.take(m.clone()).map_err(|e| anyhow::anyhow!("the target behind sent bad digests: {e}"))?;
+                    msgs.push(m);
+                }
+                f => bail!("the target behind sent a {} frame among its digests", f.kind().name()),
+            }
+        }
+        Ok(msgs)
+    }
+
+    /// Asks this (advanced) target for the resync `plan` of a peer with `digests`, and gives
+    /// each frame of it to `sink` (heartbeats too, so the peer hears the source is alive).
+    /// Returns (Data frames, bytes of data) once `ResyncEnd` went to the sink.
+    fn block_resync(
+        &mut self,
+        plan: u64,
+        resume: u64,
+        digests: &[ControlMsg],
+        sink: &mut dyn FnMut(&Frame) -> Result<()>,
+    ) -> Result<(u64, u64)> {
+        self.writer.send(&Frame::Control(ControlMsg::BlockResync { plan, resume_lsn: resume }))?;
+        for m in digests {
+            self.writer.send(&Frame::Control(m.clone()))?;
+        }
+        let mut sent = (0u64, 0u64);
+        loop {
+            let f = match self.reader.recv(SILENCE_MAX) {
+                Ok(Frame::Control(ControlMsg::Bye { reason })) => bail!("the advanced target refused: {reason}"),
+                Ok(f) => f,
+                Err(e) => bail!("the advanced target: {e}"),
+            };
+            match &f {
+                Frame::Data { data, .. } => sent = (sent.0 + 1, sent.1 + data.len() as u64),
+                Frame::Heartbeat => {}
+                Frame::Control(
+                    ControlMsg::ResyncBegin { .. }
+                    | ControlMsg::ResyncEntries { .. }
+                    | ControlMsg::ResyncNode { .. }
+                    | ControlMsg::ResyncEnd { .. },
+                ) => {}
+                other => bail!("the advanced target sent an unexpected {:?} in a resync", other.kind()),
+            }
+            sink(&f)?;
+            if matches!(f, Frame::Control(ControlMsg::ResyncEnd { plan: p }) if p == plan) {
+                return Ok(sent);
+            }
+        }
+    }
+
+    /// Waits until this target says resync `plan` is applied (it heartbeats meanwhile).
+    fn resync_done(&mut self, plan: u64) -> Result<()> {
+        match recv(&mut self.reader, "the target behind")? {
+            Frame::Control(ControlMsg::ResyncDone { plan: p }) if p == plan => Ok(()),
+            f => bail!("the target behind sent {f:?} instead of ResyncDone"),
+        }
+    }
+}
+
+/// Brings target `dst` to the tree of target `src` (applied below `end`) by a block-level
+/// resync: the blocks that differ, the whole namespace and every object's attributes.
+fn block_resync(targets: &mut [TcpTarget], src: usize, dst: usize, end: u64, urls: &[String]) -> Result<()> {
+    for i in [src, dst] {
+        if targets[i].minor < MINOR_BLOCKS {
+            bail!(
+                "{} speaks protocol 1.{}; a block-level resync needs 1.{MINOR_BLOCKS} on both targets (upgrade it)",
+                urls[i],
+                targets[i].minor
+            );
+        }
+    }
+    let started = Instant::now();
+    let (a, b) = if src < dst { targets.split_at_mut(dst) } else { targets.split_at_mut(src) };
+    let (source, sink) = if src < dst { (&mut a[src], &mut b[0]) } else { (&mut b[0], &mut a[dst]) };
+    eprintln!("{}: reading the digest of every block of its directory ...", urls[dst]);
+    let digests = sink.digests()?;
+    let (files, blocks) = match digests.last() {
+        Some(ControlMsg::DigestEnd { files, blocks }) => (*files, *blocks),
+        _ => (0, 0),
+    };
+    eprintln!("{}: {files} files, {blocks} blocks; comparing with {} ...", urls[dst], urls[src]);
+    let plan = rand::random::<u64>();
+    let bar = common::progress_bar("block-level resync");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("block-level resync: {bytes} of differing blocks sent {spinner}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let (frames, bytes) = source.block_resync(plan, end, &digests, &mut |f| {
+        if let Frame::Data { data, .. } = f {
+            bar.inc(data.len() as u64);
+        }
+        sink.writer.send(f).map_err(|e| anyhow::anyhow!("{}: {e}", urls[dst]))
+    })?;
+    bar.finish_and_clear();
+    eprintln!("{}: applying the resync ...", urls[dst]);
+    sink.resync_done(plan)?;
+    println!(
+        "{}: block-level resync from {}: {} of differing blocks sent in {frames} pieces ({bytes} bytes; it held {files} \
+         files, {blocks} blocks of {} KiB) in {:.1}s",
+        urls[dst],
+        urls[src],
+        common::human_bytes(bytes),
+        DIGEST_BLOCK >> 10,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

@@ -19,7 +19,7 @@ use crate::replica::failover::{IncompleteScan, LogView, Overrides, Plan, plan};
 use crate::types::Lsn;
 
 /// How long a peer may stay silent (no frame, no heartbeat) during a failover.
-const SILENCE_MAX: Duration = Duration::from_secs(30);
+pub(super) const SILENCE_MAX: Duration = Duration::from_secs(30);
 /// How long to wait for the bunker and the target to notice a dead primary's silence.
 pub(super) const NOTICE_WAIT: Duration = Duration::from_secs(10);
 /// Records read at once from a bunker directory (a frame's worth).
@@ -320,7 +320,7 @@ fn log_view(msg: ControlMsg, who: &str) -> Result<LogView> {
 }
 
 /// The next frame that is not a heartbeat.
-fn recv(r: &mut Reader, who: &str) -> Result<Frame> {
+pub(super) fn recv(r: &mut Reader, who: &str) -> Result<Frame> {
     loop {
         match r.recv(SILENCE_MAX) {
             Ok(Frame::Heartbeat) => continue,
@@ -483,8 +483,10 @@ impl BunkerSide for DirBunker {
 
 /// A `ferryfs target` as a failover or catch-up tool talks to it.
 pub(super) struct TcpTarget {
-    reader: Reader,
-    writer: Writer,
+    pub(super) reader: Reader,
+    pub(super) writer: Writer,
+    /// The protocol minor both sides speak.
+    pub(super) minor: u16,
     pub(super) set_id: [u8; 16],
     pub(super) view: LogView,
     /// Blocks sent whose ack has not been read yet.
@@ -506,7 +508,15 @@ impl TcpTarget {
                 other => bail!("the target sent {other:?} instead of whether its directory is mixed"),
             }
         }
-        Ok(TcpTarget { reader, writer, set_id: est.peer.set_id, view, unacked: 0, acked: None })
+        Ok(TcpTarget {
+            reader,
+            writer,
+            minor: est.version.minor,
+            set_id: est.peer.set_id,
+            view,
+            unacked: 0,
+            acked: None,
+        })
     }
 
     pub(super) fn fence(&mut self, epoch: u64) -> Result<()> {

@@ -28,6 +28,10 @@ use crate::replica::target::{FrameHandler, TargetCore};
 
 /// A primary that sends nothing (not even a heartbeat) for this long is taken for gone.
 pub const PEER_SILENCE_MAX: Duration = Duration::from_secs(5);
+/// A failover or catch-up tool may stay silent this long (it works on other targets between
+/// its requests to this one); a tool that dies closes its connection, which ends the session
+/// at once.
+pub const TOOL_SILENCE_MAX: Duration = Duration::from_secs(600);
 /// How often a target busy with one frame tells its primary it is still there.
 const HEARTBEAT_WHILE_BUSY: Duration = Duration::from_secs(1);
 /// How often the apply thread checkpoints the target's directory and log.
@@ -340,22 +344,10 @@ impl Target {
                 std::fs::metadata(&self.config.dir).map_err(|e| format!("--dir {}: {e}", self.config.dir.display()))?;
             (m.dev(), m.ino(), self.config.dir.as_os_str().as_encoded_bytes().to_vec())
         };
+        // A resync from a catch-up tool (a block-level one, `replica::blocks`).
+        let mut resync = FrameHandler::new();
         loop {
-            let frame = loop {
-                match dec.next_frame() {
-                    Ok(Some(f)) => break f,
-                    Ok(None) => {}
-                    Err(e) => return Err(format!("bad frame from the failover tool: {e}")),
-                }
-                let n = tokio::time::timeout(PEER_SILENCE_MAX, sock.read(&mut buf))
-                    .await
-                    .map_err(|_| format!("the failover tool was silent for {PEER_SILENCE_MAX:?}"))?
-                    .map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Ok(());
-                }
-                dec.push(&buf[..n]);
-            };
+            let Some(frame) = tool_frame(sock, &mut dec, &mut buf).await? else { return Ok(()) };
             let c = core.clone();
             let reply: Frame = match frame {
                 Frame::Heartbeat => continue,
@@ -396,6 +388,51 @@ impl Target {
                     eprintln!("ferryfs target: caught up: every record below LSN {end_lsn} is applied");
                     r
                 }
+                Frame::Control(ControlMsg::DigestRequest) => {
+                    let (files, blocks) =
+                        self.stream(sock, out, move |sink| c.send_digests(sink).map_err(|e| e.to_string())).await?;
+                    eprintln!("ferryfs target: sent the digests of {files} files ({blocks} blocks) to {peer}");
+                    continue;
+                }
+                Frame::Control(ControlMsg::BlockResync { plan, resume_lsn }) => {
+                    let mut theirs = crate::replica::blocks::PeerDigests::default();
+                    while !theirs.complete() {
+                        match tool_frame(sock, &mut dec, &mut buf).await? {
+                            Some(Frame::Heartbeat) => {}
+                            Some(Frame::Control(m)) => drop(theirs.take(m).map_err(|e| format!("{peer}: {e}"))?),
+                            Some(f) => return Err(format!("{peer} sent a {} frame among digests", f.kind().name())),
+                            None => return Ok(()),
+                        }
+                    }
+                    let resume = crate::types::Lsn(resume_lsn);
+                    let st = self
+                        .stream(sock, out, move |sink| {
+                            c.send_block_resync(&theirs, plan, resume, sink).map_err(|e| e.to_string())
+                        })
+                        .await?;
+                    eprintln!(
+                        "ferryfs target: block-level resync {plan} sent to {peer}: {} of {} blocks differed ({} bytes), \
+                         {} directories, {} files",
+                        st.blocks_sent, st.blocks, st.data_bytes, st.dirs, st.files
+                    );
+                    continue;
+                }
+                Frame::Control(ControlMsg::ResyncEnd { plan }) => {
+                    let work =
+                        blocking(move || c.resync_end(plan).map(|_| Frame::Control(ControlMsg::ResyncDone { plan })));
+                    let r = self.busy(sock, out, work).await?;
+                    eprintln!(
+                        "ferryfs target: block-level resync {plan} from {peer} applied; the log continues at its end"
+                    );
+                    r
+                }
+                f @ (Frame::Data { .. }
+                | Frame::Control(
+                    ControlMsg::ResyncBegin { .. } | ControlMsg::ResyncEntries { .. } | ControlMsg::ResyncNode { .. },
+                )) => {
+                    resync.handle(&core, f)?;
+                    continue;
+                }
                 Frame::Control(ControlMsg::Bye { .. }) => return Ok(()),
                 other => return Err(format!("the failover tool sent an unexpected {} frame", other.kind().name())),
             };
@@ -434,6 +471,32 @@ impl Target {
             out.send(sock, &Frame::Records(block)).await?;
             at = next;
         }
+    }
+
+    /// Runs `produce` on a blocking thread and sends every frame it gives to the peer, with
+    /// heartbeats while it is quiet; returns what it returned.
+    async fn stream<R: Send + 'static>(
+        &self,
+        sock: &mut TcpStream,
+        out: &mut Out,
+        produce: impl FnOnce(crate::replica::blocks::Sink<'_>) -> Result<R, String> + Send + 'static,
+    ) -> Result<R, String> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame>(16);
+        let work = tokio::task::spawn_blocking(move || {
+            produce(&mut |f| tx.blocking_send(f).map_err(|_| "the connection to the tool ended".to_string()))
+        });
+        loop {
+            match tokio::time::timeout(HEARTBEAT_WHILE_BUSY, rx.recv()).await {
+                Ok(Some(f)) => out.send(sock, &f).await?,
+                Ok(None) => break,
+                Err(_) => out.send(sock, &Frame::Heartbeat).await?,
+            }
+        }
+        let r = work.await.map_err(|e| e.to_string())?;
+        if let Err(why) = &r {
+            out.bye(sock, why).await;
+        }
+        r
     }
 
     /// Runs disk work, with heartbeats to the peer while it lasts.
@@ -495,6 +558,25 @@ impl Target {
                 }
             })
             .expect("spawning the apply thread")
+    }
+}
+
+/// The next frame from a tool; `None` when it closed the connection.
+async fn tool_frame(sock: &mut TcpStream, dec: &mut FrameDecoder, buf: &mut [u8]) -> Result<Option<Frame>, String> {
+    loop {
+        match dec.next_frame() {
+            Ok(Some(f)) => return Ok(Some(f)),
+            Ok(None) => {}
+            Err(e) => return Err(format!("bad frame from the failover tool: {e}")),
+        }
+        let n = tokio::time::timeout(TOOL_SILENCE_MAX, sock.read(buf))
+            .await
+            .map_err(|_| format!("the failover tool was silent for {TOOL_SILENCE_MAX:?}"))?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(None);
+        }
+        dec.push(&buf[..n]);
     }
 }
 
