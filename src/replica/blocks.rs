@@ -60,11 +60,14 @@ pub fn digest(data: &[u8]) -> [u8; DIGEST_LEN] {
     full[..DIGEST_LEN].try_into().expect("SHA-256 is longer")
 }
 
+/// A directory's names, each with the object it names (without xattrs).
+pub type Entries = Vec<(Vec<u8>, NodeDesc)>;
+
 /// A target's directory as its tags name it: every object reachable from the root, the stash
 /// and untagged objects left out (they are no object of the primary's).
 pub struct Walk {
     /// Directories, parents first, each with its entries (without xattrs).
-    pub dirs: Vec<(FileId, Handle, Vec<(Vec<u8>, NodeDesc)>)>,
+    pub dirs: Vec<(FileId, Handle, Entries)>,
     /// Regular files, each once (a hard link's other names are only entries), with sizes.
     pub files: Vec<(FileId, Handle, u64)>,
     /// Every other object (symlinks, devices, FIFOs, sockets), each once.

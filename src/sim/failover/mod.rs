@@ -285,6 +285,9 @@ pub struct FailoverStats {
     /// most advanced target's log starts: `ferryfs failover` moves the bunker's records to the
     /// most advanced target only, so they need blocks though records would have done.
     pub blocks_bunker_held: u64,
+    /// Of those left behind, the ones a block-level resync from the most advanced target
+    /// leveled (all but those behind a source left mixed past its end).
+    pub blocks_resynced: u64,
     /// Failovers whose `--promote` target needed blocks: none was promoted, and the operator
     /// ran it again naming a leveled one.
     pub promote_behind: u64,
@@ -323,6 +326,7 @@ impl FailoverStats {
         self.blocks_log_freed += o.blocks_log_freed;
         self.blocks_mixed += o.blocks_mixed;
         self.blocks_bunker_held += o.blocks_bunker_held;
+        self.blocks_resynced += o.blocks_resynced;
         self.promote_behind += o.promote_behind;
     }
 }

@@ -12,7 +12,9 @@ use rand::Rng;
 use super::model::{Model, listing_diff, visible};
 use super::world::{Sim, World};
 use super::{Bunker, Listing, Target};
+use crate::proto::wire::Frame;
 use crate::proto::wire::control::ControlMsg;
+use crate::replica::target::FrameHandler;
 use crate::replica::catchup::{self, Action, Peer};
 use crate::replica::failover::{IncompleteScan, LogView, Overrides, Plan, plan};
 use crate::types::Lsn;
@@ -85,6 +87,34 @@ fn move_blocks(
         }
     }
     Ok(Some((scan, acked)))
+}
+
+/// `ferryfs catchup`'s block-level resync of target `to` from target `from` (applied below
+/// `end`), its frames handed over as the tool relays them; a frame of data counts as a block
+/// for `cut_after` (false: cut off there, as a killed tool).
+fn block_resync(from: &Target, to: &Target, end: u64, blocks: &mut u64, cut_after: Option<u64>) -> Result<bool, String> {
+    let mut theirs = crate::replica::blocks::PeerDigests::default();
+    to.send_digests(&mut |f| match f {
+        Frame::Control(m) => theirs.take(m).map(drop),
+        other => Err(format!("a {:?} frame among digests", other.kind())),
+    })
+    .map_err(|e| format!("the digests of the target behind: {e}"))?;
+    let mut handler = FrameHandler::new();
+    let plan = 0xb10c + *blocks;
+    let r = from.send_block_resync(&theirs, plan, Lsn(end), &mut |f| {
+        if matches!(f, Frame::Data { .. }) {
+            *blocks += 1;
+            if cut_after == Some(*blocks) {
+                return Err("cut".into());
+            }
+        }
+        handler.handle(to, f).map(drop)
+    });
+    match r {
+        Ok(_) => Ok(true),
+        Err(_) if cut_after == Some(*blocks) => Ok(false),
+        Err(e) => Err(format!("a block-level resync: {e}")),
+    }
 }
 
 /// One run of `ferryfs failover` against a bunker and a target in this process, in the
@@ -162,8 +192,11 @@ pub(super) struct CatchUp {
     pub(super) bunker_next: u64,
     /// The targets that hold and have applied every record below the end, in order.
     leveled: Vec<usize>,
-    /// The targets left behind (`Action::Blocks`), with catch-up's word on each.
+    /// The targets left behind (`Action::Blocks`), with catch-up's word on each: those the
+    /// source could not resync (it is mixed past its end itself) …
     behind: Vec<(usize, Action)>,
+    /// … and those it did, by a block-level resync; they hold and show the same as the leveled.
+    resynced: Vec<(usize, Action)>,
     /// Targets that got records from the source's log, and how many records in all.
     caught_up: u64,
     records: u64,
@@ -338,6 +371,21 @@ fn run_failover_several(
             return Err(format!("target {i} says it applied below {}, not below {cend}", v.applied_next));
         }
     }
+    // The targets behind the source's log get a block-level resync from it (`replica::blocks`),
+    // unless the source itself is left mixed past its end.
+    if cplan.actions[src] == Action::Level {
+        for (i, action) in std::mem::take(&mut c.behind) {
+            if !block_resync(&targets[src], &targets[i], cend, &mut blocks, cut_after)? {
+                return Ok(SeveralOutcome::Interrupted);
+            }
+            targets[i].apply_log(Lsn(cend)).map_err(|e| format!("target {i}: after its block-level resync: {e}"))?;
+            let v = target_view(&targets[i])?;
+            if v.applied_next != cend || v.next_lsn != cend {
+                return Err(format!("target {i} after its block-level resync: {v:?}, not at {cend}"));
+            }
+            c.resynced.push((i, action));
+        }
+    }
     if cend != end {
         return Err(format!("the targets were leveled at LSN {cend}, not at the failover's end {end}"));
     }
@@ -498,13 +546,15 @@ impl Sim {
         };
         w.stats.caught_up += c.caught_up;
         w.stats.records_caught_up += c.records;
-        for &(i, action) in &c.behind {
+        for &(i, action) in c.behind.iter().chain(&c.resynced) {
             self.judge_blocks(w, i, action, &c)?;
         }
+        w.stats.blocks_resynced += c.resynced.len() as u64;
         self.check_sync_acked(w, end)?;
         let mut cut = false;
         let promoted = visible(w.targets[promote].tree.listing());
-        for &i in &c.leveled {
+        let level: Vec<usize> = c.leveled.iter().copied().chain(c.resynced.iter().map(|(i, _)| *i)).collect();
+        for &i in &level {
             cut |= self.check_tree(w, i, end)?;
             let have = visible(w.targets[i].tree.listing());
             if have != promoted {
@@ -518,14 +568,14 @@ impl Sim {
             w.stats.cut_ops += 1;
         }
         // Invariant 4: again, after every node restarts: nothing to do, nothing changes.
-        let before = w.listings(&c.leveled);
+        let before = w.listings(&level);
         w.crash_bunker();
         w.crash_targets();
         match w.run_failover_several(promote, block_bytes, None)? {
             SeveralOutcome::AlreadyDone { epoch: e, end_lsn } if e == epoch && end_lsn == end => {}
             other => return Err(format!("a second failover after promoting at epoch {epoch}, end {end}: {other:?}")),
         }
-        for ((i, before), after) in c.leveled.iter().zip(&before).zip(w.listings(&c.leveled)) {
+        for ((i, before), after) in level.iter().zip(&before).zip(w.listings(&level)) {
             if after != *before {
                 return Err(format!("the second failover changed target {i}'s tree: {}", listing_diff(before, &after)));
             }
