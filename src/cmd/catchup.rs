@@ -33,7 +33,8 @@ on: fail it back instead), one was promoted, or one still hears a live primary (
 2. Picks the most advanced target (the highest next LSN; the first given among equals).\n\
 3. Streams to every other target the records it lacks, straight from the advanced target's log, in blocks \
 of about 8 MiB; each target lands a block in its staging file, checks every record (crc, set, LSN order), \
-appends it to its log and makes it durable before it acknowledges it.\n\
+appends it to its log and makes it durable before it acknowledges it. The records are read once ahead \
+first, and the target told which transactions among them abort, so it applies them as they land.\n\
 4. Has every target apply its whole log up to the common end (transactions without an outcome by the \
 failover rule, as `ferryfs failover` does), so all show the same tree: the primary's journal applied up to \
 that LSN.\n\
@@ -161,10 +162,12 @@ pub fn catch_up(urls: &[String], key: Option<&std::path::Path>, dry_run: bool, f
                 );
             }
             Action::Records { from } => {
+                let t0 = Instant::now();
                 let (n, bytes) = relay(&mut targets, adv, i, from, end)?;
                 println!(
-                    "{url}: received {n} records ({}, {bytes} bytes) of LSN {from}..{end}",
-                    common::human_bytes(bytes)
+                    "{url}: received {n} records ({}, {bytes} bytes) of LSN {from}..{end} in {:.2}s",
+                    common::human_bytes(bytes),
+                    t0.elapsed().as_secs_f64()
                 );
                 moved = (moved.0 + n, moved.1 + bytes);
             }
@@ -209,10 +212,12 @@ pub fn catch_up(urls: &[String], key: Option<&std::path::Path>, dry_run: bool, f
 
 /// Has target `t` apply its log below `end` and checks that it did.
 fn apply_log(t: &mut TcpTarget, end: u64, url: &str) -> Result<()> {
+    let t0 = Instant::now();
     let v = t.apply_log(end).map_err(|e| anyhow::anyhow!("{url}: applying its log: {e:#}"))?;
     if v.applied_next != end {
         bail!("{url} says it applied below {}, not below {end}", v.applied_next);
     }
+    eprintln!("{url}: applied its log below LSN {end} in {:.2}s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 

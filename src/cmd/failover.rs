@@ -11,9 +11,9 @@ use super::common;
 use super::replication::read_key;
 use crate::net::conn::{self, NetError, Reader, Writer};
 use crate::os::storage::DirStorage;
-use crate::proto::wire::MINOR_RESYNC_READ;
 use crate::proto::wire::control::ControlMsg;
 use crate::proto::wire::{Frame, HandshakeConfig, Key, Role};
+use crate::proto::wire::{MINOR_BLOCKS, MINOR_RESYNC_READ};
 use crate::replica::bunker::BunkerCore;
 use crate::replica::failover::{IncompleteScan, LogView, Overrides, Plan, plan};
 use crate::types::Lsn;
@@ -233,6 +233,17 @@ pub(super) fn move_records(
     let mut scan = IncompleteScan::default();
     if end <= from {
         return Ok(scan);
+    }
+    // First a read of what will move, for its aborts: told to the target, they let it apply
+    // the records as they land (its apply keeps pace, and a log full of records it had not
+    // applied makes room) instead of only at the end.
+    if sink.minor >= MINOR_BLOCKS {
+        let mut ahead = IncompleteScan::default();
+        read(Lsn(from), &mut |frame| {
+            ahead.feed(frame);
+            Ok(())
+        })?;
+        sink.known_outcomes(end, &ahead.aborted)?;
     }
     let bar = common::progress_bar("moving records");
     bar.set_style(
@@ -542,6 +553,17 @@ impl TcpTarget {
             bail!("the target applied its log but holds records below {}, not {end}", v.next_lsn);
         }
         Ok(v)
+    }
+
+    /// Every abort among the records below `below` that follow (`ControlMsg::Aborts`).
+    pub(super) fn known_outcomes(&mut self, below: u64, aborted: &[u64]) -> Result<()> {
+        let parts: Vec<&[u64]> = if aborted.is_empty() { vec![&[]] } else { aborted.chunks(16384).collect() };
+        let n = parts.len();
+        for (i, part) in parts.into_iter().enumerate() {
+            let msg = ControlMsg::Aborts { below_lsn: below, txids: part.to_vec(), last: i + 1 == n };
+            self.writer.send(&Frame::Control(msg))?;
+        }
+        Ok(())
     }
 
     /// Sends one block; keeps at most 8 blocks unacknowledged.

@@ -346,15 +346,37 @@ impl Target {
         };
         // A resync from a catch-up tool (a block-level one, `replica::blocks`).
         let mut resync = FrameHandler::new();
+        let mut flush = Flush::default();
         loop {
-            let Some(frame) = tool_frame(sock, &mut dec, &mut buf).await? else { return Ok(()) };
+            let frame = tokio::select! {
+                done = flush.done(), if flush.running() => {
+                    flush.finished(done, &core, sock, out).await?;
+                    continue;
+                }
+                _ = tokio::time::sleep(HEARTBEAT_WHILE_BUSY), if flush.running() => {
+                    out.send(sock, &Frame::Heartbeat).await?;
+                    continue;
+                }
+                f = tool_frame(sock, &mut dec, &mut buf) => match f? {
+                    Some(f) => f,
+                    None => return Ok(()),
+                },
+            };
             let c = core.clone();
+            if let Frame::Records(body) = frame {
+                // Staged and appended now, made durable while the next block comes in.
+                let last = blocking(move || c.stage_failover_block(&body)).await?;
+                flush.appended(last, &core);
+                continue;
+            }
+            // Anything else comes after every block sent before it is durable and acked.
+            while flush.running() {
+                let done = flush.done().await;
+                flush.finished(done, &core, sock, out).await?;
+            }
             let reply: Frame = match frame {
                 Frame::Heartbeat => continue,
-                Frame::Records(body) => {
-                    let work = blocking(move || c.receive_failover_block(&body).map(Frame::Ack));
-                    self.busy(sock, out, work).await?
-                }
+                Frame::Records(_) => unreachable!("handled above"),
                 Frame::Control(ControlMsg::Fence { epoch }) => {
                     *self.active.lock().unwrap() = None;
                     let work = blocking(move || c.fence(epoch).map(|_| Frame::Control(c.log_info(false))));
@@ -387,6 +409,10 @@ impl Target {
                     let r = self.busy(sock, out, work).await?;
                     eprintln!("ferryfs target: caught up: every record below LSN {end_lsn} is applied");
                     r
+                }
+                Frame::Control(ControlMsg::Aborts { below_lsn, txids, last }) => {
+                    core.known_outcomes(crate::types::Lsn(below_lsn), &txids, last);
+                    continue;
                 }
                 Frame::Control(ControlMsg::DigestRequest) => {
                     let (files, blocks) =
@@ -558,6 +584,61 @@ impl Target {
                 }
             })
             .expect("spawning the apply thread")
+    }
+}
+
+/// The failover blocks of a tool session (records staged and appended, `Records` frames) and
+/// the flush that makes them durable in the background: one `Ack` per block, once durable, so
+/// the tool's window of unacknowledged blocks counts right.
+#[derive(Default)]
+struct Flush {
+    task: Option<tokio::task::JoinHandle<Result<crate::types::Lsn, crate::replica::target::TargetError>>>,
+    /// The last LSN of each block appended and not yet acked, in order.
+    blocks: std::collections::VecDeque<crate::types::Lsn>,
+}
+
+impl Flush {
+    fn running(&self) -> bool {
+        self.task.is_some()
+    }
+
+    /// Waits for the running flush (only called while one runs).
+    async fn done(&mut self) -> Result<crate::types::Lsn, String> {
+        let task = self.task.as_mut().expect("a flush runs");
+        let r = task.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string());
+        self.task = None;
+        r
+    }
+
+    /// A block was appended: a flush starts unless one runs (it starts again when that ends).
+    fn appended(&mut self, last: crate::types::Lsn, core: &Arc<Core>) {
+        self.blocks.push_back(last);
+        self.start(core);
+    }
+
+    fn start(&mut self, core: &Arc<Core>) {
+        if self.task.is_none() && !self.blocks.is_empty() {
+            let c = core.clone();
+            self.task = Some(tokio::task::spawn_blocking(move || c.sync_log()));
+        }
+    }
+
+    /// A flush ended: acks every block now durable, and flushes again for those appended since.
+    async fn finished(
+        &mut self,
+        done: Result<crate::types::Lsn, String>,
+        core: &Arc<Core>,
+        sock: &mut TcpStream,
+        out: &mut Out,
+    ) -> Result<(), String> {
+        let durable = done?;
+        while self.blocks.front().is_some_and(|l| *l <= durable) {
+            self.blocks.pop_front();
+            out.send(sock, &Frame::Ack(durable)).await?;
+        }
+        // Those left were appended during the flush: one more flush covers them all.
+        self.start(core);
+        Ok(())
     }
 }
 

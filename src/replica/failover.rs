@@ -108,6 +108,8 @@ pub struct Incomplete {
 #[derive(Default)]
 pub struct IncompleteScan {
     open: BTreeMap<u64, Incomplete>,
+    /// Every transaction with an `Abort` record among those seen.
+    pub aborted: Vec<u64>,
     pub records: u64,
     pub bytes: u64,
 }
@@ -125,8 +127,12 @@ impl IncompleteScan {
                     let what = Op::decode(payload).map(|op| op.describe()).unwrap_or_else(|_| "an op".into());
                     self.open.insert(h.txid.0, Incomplete { lsn: h.lsn, what });
                 }
-                Kind::Commit | Kind::Abort => {
+                Kind::Commit => {
                     self.open.remove(&h.txid.0);
+                }
+                Kind::Abort => {
+                    self.open.remove(&h.txid.0);
+                    self.aborted.push(h.txid.0);
                 }
                 _ => {}
             }

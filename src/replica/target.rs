@@ -130,6 +130,10 @@ struct ApplyState {
     /// not redone (their checks would judge them against a tree later ops changed). Writes
     /// and attribute changes are idempotent and are redone.
     marker: u64,
+    /// A failover or catch-up tool told every abort among the records below this LSN
+    /// (`known_outcomes`): records below it (and held) may be applied by the failover rule
+    /// while the rest still comes, as `ApplyLog` and `Promote` would at the end. 0: none.
+    outcomes_below: Lsn,
 }
 
 struct Staging {
@@ -146,6 +150,8 @@ pub struct TargetCore<S: Storage, T: Tree> {
     apply: Mutex<ApplyState>,
     applied_next: Arc<AtomicU64>,
     staging: Mutex<Option<Staging>>,
+    /// The failover block being landed, as read back from `FAILOVER_STAGING_FILE`.
+    failover_block: Mutex<Vec<u8>>,
     state_dir: PathBuf,
     pub counters: TargetCounters,
     /// An old primary failing back: the locations it changed from a fork LSN on.
@@ -263,9 +269,11 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                 aborted: BTreeSet::new(),
                 awaiting_commit: Default::default(),
                 marker,
+                outcomes_below: Lsn(0),
             }),
             applied_next,
             staging: Mutex::new(None),
+            failover_block: Mutex::new(Vec::new()),
             state_dir: state_dir.to_path_buf(),
             counters: TargetCounters::default(),
             failback_source: Mutex::new(None),
@@ -320,12 +328,18 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
     /// Appends a Records frame's body to the log and makes it durable; returns the LSN to ack
     /// (every record up to it is durable here).
     pub fn receive(&self, body: &[u8]) -> Result<Lsn, TargetError> {
+        self.append(body)?;
+        self.sync_log()
+    }
+
+    /// Checks a Records frame's body and appends it to the log, not yet durable; returns the
+    /// last LSN appended.
+    fn append(&self, body: &[u8]) -> Result<Lsn, TargetError> {
         check_frame(body, self.journal.next_lsn(), &self.set_id())?;
         // Known before the records are: the apply thread may go past them as soon as they
         // are appended, and must not apply an aborted transaction.
         self.apply.lock().unwrap().aborted.extend(aborts_in(body));
-        self.journal.append_raw(body)?;
-        let next = self.journal.sync()?;
+        let next = self.journal.append_raw(body)?;
         self.counters.bytes_received.fetch_add(body.len() as u64, Ordering::Relaxed);
         Ok(Lsn(next.0 - 1))
     }
@@ -411,12 +425,76 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
     /// the log and made durable, then the staging is emptied. Returns the LSN to ack. A crash
     /// in between loses only the unacked block; the tool resends from the log's end.
     pub fn receive_failover_block(&self, body: &[u8]) -> Result<Lsn, TargetError> {
+        self.stage_failover_block(body)?;
+        self.sync_log()
+    }
+
+    /// The first half of `receive_failover_block`: stages the block, checks it and appends it
+    /// to the log, not yet durable (`sync_log` makes it so). Returns the last LSN appended.
+    /// A session pipelines the two: the next block lands while the last one is flushed.
+    pub fn stage_failover_block(&self, body: &[u8]) -> Result<Lsn, TargetError> {
+        use std::os::unix::fs::FileExt;
         let path = self.state_dir.join(FAILOVER_STAGING_FILE);
-        fs::write(&path, body).map_err(io_err(format!("writing {}", path.display())))?;
-        let staged = fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
-        let lsn = self.receive(&staged)?;
-        fs::write(&path, b"").map_err(io_err(format!("emptying {}", path.display())))?;
-        Ok(lsn)
+        // Overwritten in place, and read back into a buffer kept for the next block: fresh
+        // pages are what a block costs most here (perf: the kernel's first touch of each page),
+        // and these stay in memory from block to block.
+        let mut staged = self.failover_block.lock().unwrap();
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        f.write_all_at(body, 0)
+            .and_then(|()| f.set_len(body.len() as u64))
+            .map_err(io_err(format!("writing {}", path.display())))?;
+        staged.resize(body.len(), 0);
+        f.read_exact_at(&mut staged, 0).map_err(io_err(format!("reading {}", path.display())))?;
+        // A crash from here on loses the block only if it is not durable yet, and then the
+        // tool, never acked, sends it again. The staging file is never replayed.
+        match self.append(&staged) {
+            Err(TargetError::Journal(JournalError::Full(why))) if self.outcomes_known() => {
+                // A log full of records not applied yet (after a restart): with every outcome
+                // known they may be applied now, and the checkpoint frees their space.
+                tracing::info!("the log is full ({why}): applying what it holds, then landing the block again");
+                self.apply_available()?;
+                self.checkpoint()?;
+                // The records before the one that did not fit are in the log already.
+                let next = self.journal.next_lsn();
+                match records_from(&staged, next)? {
+                    [] => Ok(Lsn(next.0 - 1)),
+                    rest => self.append(rest),
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// From a failover or catch-up tool, before it sends the records below `below`: the ids
+    /// of every transaction among them that aborts (`txids`, in parts; `last` on the final
+    /// one). The transactions of the records this log holds already are known here (their
+    /// aborts are in this log). So every outcome below `below` is known, and the records
+    /// below it are applied as they land, by the failover rule (a transaction without an
+    /// outcome is redone), exactly as `ApplyLog` or `Promote` would apply them at the end:
+    /// the apply keeps pace with the catch-up and frees the log for the records still to come.
+    pub fn known_outcomes(&self, below: Lsn, txids: &[u64], last: bool) {
+        let mut st = self.apply.lock().unwrap();
+        let keep = st.cursor.next.0.saturating_sub(1 << 20);
+        st.aborted.extend(txids.iter().copied().filter(|t| *t >= keep));
+        if last {
+            st.outcomes_below = st.outcomes_below.max(below);
+        }
+    }
+
+    fn outcomes_known(&self) -> bool {
+        self.apply.lock().unwrap().outcomes_below.0 > self.applied_next.load(Ordering::Acquire)
+    }
+
+    /// Makes every record appended so far durable; returns the last durable LSN (to ack).
+    pub fn sync_log(&self) -> Result<Lsn, TargetError> {
+        let next = self.journal.sync()?;
+        Ok(Lsn(next.0 - 1))
     }
 
     /// The failover's last step (claims 003:8–9): the log holds every record below
@@ -574,6 +652,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             st.limit = st.limit.max(s.settled_below);
             st.settled.pop_front();
         }
+        st.limit = st.limit.max(st.outcomes_below.min(next));
         let limit = st.limit.min(next);
         self.apply_upto(&mut st, limit)
     }
@@ -1130,6 +1209,20 @@ impl FrameHandler {
             other => Err(format!("unexpected control message from a primary: {other:?}")),
         }
     }
+}
+
+/// The part of a block of whole records (checked) that begins with record `lsn`.
+fn records_from(body: &[u8], lsn: Lsn) -> Result<&[u8], TargetError> {
+    let mut at = 0;
+    while at < body.len() {
+        let h = record::decode_header(&body[at..], body.len() - at)
+            .map_err(|e| TargetError::Protocol(format!("a staged block: {e}")))?;
+        if h.lsn >= lsn {
+            return Ok(&body[at..]);
+        }
+        at += record::record_len(h.payload_len as usize);
+    }
+    Ok(&body[body.len()..])
 }
 
 /// "Set the mtime of `id` to `time_ns`", as the primary did (`Op::mtime_ids`).

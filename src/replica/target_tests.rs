@@ -182,3 +182,99 @@ fn a_catch_up_applies_only_a_log_that_ends_where_it_says_and_serves_only_what_it
     t.journal().restart_at(Lsn(6), FileId(100)).unwrap();
     assert!(t.read_log(Lsn(3), 1 << 20, &mut out).unwrap_err().to_string().contains("no longer holds record 3"));
 }
+
+/// A primary's records: file 100 created, then `n` writes of 8 KiB (write i holds byte i at
+/// offset i × 8 KiB), write `aborted` failing (its abort comes 5 writes later). Returns the
+/// records and the aborted write's transaction id.
+fn records_with_an_abort(n: usize, aborted: usize) -> (Vec<u8>, u64) {
+    use crate::format::ops::{NodeKind, Op};
+    let sb = Superblock::new([7; 16], 0, 0, Vec::new(), [0; 16]);
+    let g = JournalGeometry { segment_size: 4 << 20, segment_count: 4 };
+    let j = Journal::create(SimStorage::new(), g, sb).unwrap();
+    let create = Op::Create {
+        parent: FileId::ROOT,
+        name: b"f".to_vec(),
+        new_id: FileId(100),
+        kind: NodeKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        target: Vec::new(),
+    };
+    let tx = j.append_op(&create).unwrap();
+    j.commit(tx).unwrap();
+    j.done(tx);
+    let mut failed = None;
+    for i in 0..n {
+        let tx = j.append_write(FileId(100), (i * 8192) as u64, &[i as u8; 8192]).unwrap();
+        if i == aborted {
+            failed = Some(tx);
+        } else {
+            j.done(tx);
+        }
+        if i == aborted + 5 {
+            let f = failed.unwrap();
+            j.abort(f, libc::EIO).unwrap();
+            j.done(f);
+        }
+    }
+    let mut cur = j.cursor_at(Lsn(1)).unwrap();
+    let mut out = Vec::new();
+    j.read_records(&mut cur, j.next_lsn(), usize::MAX, &mut out).unwrap();
+    (out, failed.unwrap().0)
+}
+
+/// Splits whole records into blocks of about `size` bytes.
+fn blocks_of(records: &[u8], size: usize) -> Vec<&[u8]> {
+    let (mut out, mut start, mut at) = (Vec::new(), 0, 0);
+    while at < records.len() {
+        let h = record::decode_header(&records[at..], records.len() - at).unwrap();
+        at += record::record_len(h.payload_len as usize);
+        if at - start >= size || at == records.len() {
+            out.push(&records[start..at]);
+            start = at;
+        }
+    }
+    out
+}
+
+/// A failover or catch-up into a log too small for everything moved (a restarted target's log
+/// full of records it had not applied): refused as "full" without the tool's aborts; with them
+/// the target applies as it goes, takes every block, and ends with exactly the journal's
+/// effect (the aborted write left out).
+#[test]
+fn a_small_log_takes_a_failover_larger_than_itself_once_the_tool_told_every_abort() {
+    let (records, aborted_tx) = records_with_an_abort(60, 10);
+    assert!(records.len() > 256 << 10, "more than the target's log holds");
+    let blocks = blocks_of(&records, 32 << 10);
+    let end = Lsn(1 + blocks.iter().map(|b| crate::proto::wire::split_records(b).count() as u64).sum::<u64>());
+    let g = JournalGeometry { segment_size: 64 << 10, segment_count: 4 };
+    let land = |t: &TargetCore<SimStorage, SimTree>| -> Result<(), String> {
+        for b in &blocks {
+            t.stage_failover_block(b).map_err(|e| e.to_string())?;
+            t.sync_log().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+
+    let state = tempfile::tempdir().unwrap();
+    let t = TargetCore::create(SimStorage::new(), g, [7; 16], SimTree::new(), state.path()).unwrap();
+    t.journal().set_full_wait(std::time::Duration::from_millis(1));
+    let err = land(&t).expect_err("nothing may be applied without the outcomes: the log fills");
+    assert!(err.contains("full"), "{err}");
+
+    let state = tempfile::tempdir().unwrap();
+    let tree = SimTree::new();
+    let t = TargetCore::create(SimStorage::new(), g, [7; 16], tree.clone(), state.path()).unwrap();
+    t.journal().set_full_wait(std::time::Duration::from_millis(1));
+    t.known_outcomes(end, &[aborted_tx], true);
+    land(&t).unwrap();
+    t.apply_log(end).unwrap();
+    let mut want = vec![0u8; 60 * 8192];
+    for i in (0..60).filter(|i| *i != 10) {
+        want[i * 8192..(i + 1) * 8192].fill(i as u8);
+    }
+    let listing = tree.listing();
+    assert!(listing["/f"].1 == want, "the file holds the journal's writes but the aborted one");
+}

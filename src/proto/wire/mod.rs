@@ -985,6 +985,11 @@ pub mod control {
         /// resumed at `resume_lsn` (`ResyncBegin` … `ResyncEnd`, as a primary sends one),
         /// whose `Data` holds only the blocks whose digests differ from the peer's.
         BlockResync { plan: u64, resume_lsn: u64 },
+        /// Failover or catch-up tool to a target, before it sends the records below
+        /// `below_lsn` (1.4): every transaction among them that aborts (in parts, the last
+        /// with `last` set). The target may then apply them as they land, by the failover
+        /// rule, instead of only at the end.
+        Aborts { below_lsn: u64, txids: Vec<u64>, last: bool },
     }
 
     /// An object as a resync describes it (the primary's file id; the rest as `stat` says).

@@ -14,9 +14,9 @@ use super::world::{Sim, World};
 use super::{Bunker, Listing, Target};
 use crate::proto::wire::Frame;
 use crate::proto::wire::control::ControlMsg;
-use crate::replica::target::FrameHandler;
 use crate::replica::catchup::{self, Action, Peer};
 use crate::replica::failover::{IncompleteScan, LogView, Overrides, Plan, plan};
+use crate::replica::target::FrameHandler;
 use crate::types::Lsn;
 
 /// Where a node's log stands, as the command reads its `LogInfo`.
@@ -70,6 +70,19 @@ fn move_blocks(
 ) -> Result<Option<(IncompleteScan, Option<Lsn>)>, String> {
     let (mut at, mut acked, mut scan) = (Lsn(from), None, IncompleteScan::default());
     let mut block = Vec::new();
+    // As `cmd::failover::move_records`: a read ahead for the aborts, told to the target first.
+    let mut ahead = IncompleteScan::default();
+    let mut end = at;
+    loop {
+        block.clear();
+        let next = read(end, &mut block)?;
+        if next == end {
+            break;
+        }
+        ahead.feed(&block);
+        end = next;
+    }
+    to.known_outcomes(end, &ahead.aborted, true);
     loop {
         block.clear();
         let next = read(at, &mut block)?;
@@ -92,7 +105,13 @@ fn move_blocks(
 /// `ferryfs catchup`'s block-level resync of target `to` from target `from` (applied below
 /// `end`), its frames handed over as the tool relays them; a frame of data counts as a block
 /// for `cut_after` (false: cut off there, as a killed tool).
-fn block_resync(from: &Target, to: &Target, end: u64, blocks: &mut u64, cut_after: Option<u64>) -> Result<bool, String> {
+fn block_resync(
+    from: &Target,
+    to: &Target,
+    end: u64,
+    blocks: &mut u64,
+    cut_after: Option<u64>,
+) -> Result<bool, String> {
     let mut theirs = crate::replica::blocks::PeerDigests::default();
     to.send_digests(&mut |f| match f {
         Frame::Control(m) => theirs.take(m).map(drop),
