@@ -587,12 +587,15 @@ impl TcpTarget {
         }
     }
 
+    /// Reads the ack of every block sent (one each, in order: a target that made several
+    /// durable at once still acks each), then checks that they cover `last`. Stopping at the
+    /// first ack past `last` would leave the others to be read as the reply to the next request.
     pub(super) fn wait_acked(&mut self, last: Lsn) -> Result<()> {
-        while self.acked.is_none_or(|a| a < last) {
-            if self.unacked == 0 {
-                bail!("the target acknowledged records only up to {:?}, {} was sent", self.acked.map(|l| l.0), last.0);
-            }
+        while self.unacked > 0 {
             self.read_ack()?;
+        }
+        if self.acked.is_none_or(|a| a < last) {
+            bail!("the target acknowledged records only up to {:?}, {} was sent", self.acked.map(|l| l.0), last.0);
         }
         Ok(())
     }
@@ -604,5 +607,81 @@ impl TcpTarget {
             bail!("the target did not confirm its promotion (it says epoch {}, promoted {})", v.epoch, v.promoted);
         }
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target that made three blocks durable in one flush acks each block, all with the same
+    /// LSN. The tool must read all three before its next request, or it reads an ack as that
+    /// request's reply (found by `tools/bench --targets`: "the target sent an unexpected ack
+    /// frame" at `ApplyLog` after a 512 MiB catch-up).
+    #[test]
+    fn the_tool_reads_one_ack_per_block_even_when_a_flush_covers_several() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let info = |next| ControlMsg::LogInfo {
+            epoch: 0,
+            start_lsn: 1,
+            next_lsn: next,
+            applied_next: next,
+            primary_connected: false,
+            promoted: false,
+            failback: false,
+        };
+        let fake = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let cfg = HandshakeConfig {
+                role: Role::Target,
+                set_id: [3; 16],
+                epoch: 0,
+                instance_id: [9; 16],
+                nonce: [1; 32],
+                key: None,
+            };
+            let (mut r, mut w, _) = conn::handshake(stream, cfg).unwrap();
+            w.send(&Frame::Control(info(1))).unwrap();
+            w.send(&Frame::Control(ControlMsg::MixedUntil { lsn: 0 })).unwrap();
+            for _ in 0..3 {
+                assert!(matches!(r.recv(Duration::from_secs(5)).unwrap(), Frame::Records(_)));
+            }
+            for _ in 0..3 {
+                w.send(&Frame::Ack(Lsn(10))).unwrap();
+            }
+            match r.recv(Duration::from_secs(5)).unwrap() {
+                Frame::Control(ControlMsg::ApplyLog { end_lsn: 11 }) => w.send(&Frame::Control(info(11))).unwrap(),
+                other => panic!("expected ApplyLog, got {other:?}"),
+            }
+        });
+        let mut t = TcpTarget::connect(addr, None).unwrap();
+        for block in three_blocks() {
+            t.send_block(&block).unwrap();
+        }
+        t.wait_acked(Lsn(10)).unwrap();
+        let v = t.apply_log(11).expect("the reply to ApplyLog, not a leftover ack");
+        assert_eq!(v.applied_next, 11);
+        fake.join().unwrap();
+    }
+
+    /// Three blocks of one record each (a journal's write records).
+    fn three_blocks() -> Vec<Vec<u8>> {
+        use crate::format::superblock::Superblock;
+        use crate::journal::{Journal, JournalGeometry};
+        let sb = Superblock::new([3; 16], 0, 0, Vec::new(), [0; 16]);
+        let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+        let j = Journal::create(crate::sim::storage::SimStorage::new(), g, sb).unwrap();
+        (0..3u8)
+            .map(|i| {
+                let at = j.next_lsn();
+                let tx = j.append_write(crate::types::FileId(100), u64::from(i) * 10, &[i; 10]).unwrap();
+                j.done(tx);
+                let mut cur = j.cursor_at(at).unwrap();
+                let mut out = Vec::new();
+                j.read_records(&mut cur, j.next_lsn(), usize::MAX, &mut out).unwrap();
+                out
+            })
+            .collect()
     }
 }
