@@ -1,0 +1,408 @@
+//! A set-mode target's consistent sets, at the primary (issue 7, claims 004;
+//! docs/CONSISTENCY.md): the *recording* marks (what changed since the last swap: the second
+//! structure of 004:1) and the set being sent (the first structure: what is still to send, and
+//! the images set aside for locations changed after the swap).
+//!
+//! ```text
+//!  mutation ──before──> preserve(location) ──> image set aside, bit cleared   (004:3–7)
+//!          ──after───> mark(location)     ──> recording                       (004:8)
+//!  swap (gate held) ──> recording becomes the set to send; a fresh recording  (004:1, 10)
+//!  sender ──> next_item: an image set aside, or the current contents          (004:9)
+//! ```
+//!
+//! The rule that makes a set the primary's state at its swap: a location of the set is either
+//! sent as the backing directory holds it now (nothing changed it since the swap: any change
+//! would have set its image aside first), or from the image set aside before the first change.
+//! Both steps must each be atomic against the other, so the caller holds one lock around
+//! `preserve_*` and the mutation's *check*, and around `next_item` and its read (lock order in
+//! docs/CONSISTENCY.md); nothing here blocks.
+//!
+//! Pure: the backing directory is reached through [`Source`], so a model test drives it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+
+use super::source::Source;
+use crate::limits::BLOCK_SIZE;
+use crate::proto::wire::control::NodeDesc;
+use crate::types::FileId;
+
+/// Blocks per file as disjoint inclusive ranges (`first → last`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Blocks {
+    files: BTreeMap<FileId, BTreeMap<u64, u64>>,
+}
+
+impl Blocks {
+    /// Adds blocks `first..=last` of `file`, merging with what touches them.
+    pub fn insert(&mut self, file: FileId, first: u64, last: u64) {
+        let ranges = self.files.entry(file).or_default();
+        let (mut lo, mut hi) = (first, last);
+        let touching: Vec<u64> = ranges
+            .range(..=hi.saturating_add(1))
+            .filter(|(_, l)| **l >= lo.saturating_sub(1))
+            .map(|(f, _)| *f)
+            .collect();
+        for f in touching {
+            let l = ranges.remove(&f).expect("listed");
+            lo = lo.min(f);
+            hi = hi.max(l);
+        }
+        ranges.insert(lo, hi);
+    }
+
+    pub fn contains(&self, file: FileId, block: u64) -> bool {
+        self.files.get(&file).and_then(|r| r.range(..=block).next_back()).is_some_and(|(_, last)| *last >= block)
+    }
+
+    /// Removes one block; whether it was there.
+    pub fn remove(&mut self, file: FileId, block: u64) -> bool {
+        let Some(ranges) = self.files.get_mut(&file) else { return false };
+        let Some((&first, &last)) = ranges.range(..=block).next_back() else { return false };
+        if last < block {
+            return false;
+        }
+        ranges.remove(&first);
+        if first < block {
+            ranges.insert(first, block - 1);
+        }
+        if block < last {
+            ranges.insert(block + 1, last);
+        }
+        if ranges.is_empty() {
+            self.files.remove(&file);
+        }
+        true
+    }
+
+    /// The blocks of `file` at or past `from`, in order (for a truncate or a removal).
+    pub fn of_file_from(&self, file: FileId, from: u64) -> Vec<u64> {
+        let Some(ranges) = self.files.get(&file) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (&first, &last) in ranges {
+            if last < from {
+                continue;
+            }
+            out.extend(first.max(from)..=last);
+        }
+        out
+    }
+
+    /// The first block of the first file, if any.
+    pub fn first(&self) -> Option<(FileId, u64)> {
+        self.files.iter().next().and_then(|(f, r)| r.keys().next().map(|b| (*f, *b)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn count(&self) -> u64 {
+        self.files.values().flat_map(|r| r.iter()).map(|(f, l)| l - f + 1).sum()
+    }
+}
+
+/// Locations marked: blocks, directories whose entries changed, objects whose attributes did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Marked {
+    pub blocks: Blocks,
+    pub entries: BTreeSet<FileId>,
+    pub attrs: BTreeSet<FileId>,
+}
+
+impl Marked {
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty() && self.entries.is_empty() && self.attrs.is_empty()
+    }
+
+    /// Adds every location of `other`.
+    pub fn add(&mut self, other: &Marked) {
+        for (file, ranges) in &other.blocks.files {
+            for (&first, &last) in ranges {
+                self.blocks.insert(*file, first, last);
+            }
+        }
+        self.entries.extend(other.entries.iter().copied());
+        self.attrs.extend(other.attrs.iter().copied());
+    }
+}
+
+/// One item of a set as it goes to the target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// Directory `dir`'s names at the swap.
+    Entries { dir: FileId, entries: Vec<(Vec<u8>, NodeDesc)> },
+    /// Block `block` of `file` at the swap: its bytes (shorter at the file's end; none when the
+    /// file was shorter than the block, or gone).
+    Block { file: FileId, block: u64, data: Vec<u8> },
+    /// An object's attributes at the swap.
+    Node(NodeDesc),
+}
+
+/// What a mutation must do after `preserve_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preserve {
+    /// Every location it changes that the set still needs is set aside (or was not needed).
+    Done,
+    /// The images set aside reached their bound: the mutation must wait until the sender has
+    /// sent this block (`is_pending` false), then call again ("send it now", 004:3).
+    SendFirst { file: FileId, block: u64 },
+}
+
+/// The set being sent.
+#[derive(Debug)]
+struct Sending {
+    id: u64,
+    /// Still to send, from the backing directory as it is now.
+    todo: Marked,
+    /// Images set aside before a change, each sent instead of the current contents.
+    blocks_aside: BTreeMap<(FileId, u64), Vec<u8>>,
+    entries_aside: BTreeMap<FileId, Vec<(Vec<u8>, NodeDesc)>>,
+    attrs_aside: BTreeMap<FileId, NodeDesc>,
+    bytes_aside: usize,
+    /// What was taken from `todo` and sent (to put back if the set is abandoned).
+    sent: Marked,
+}
+
+/// One set-mode target's marks and set.
+#[derive(Debug)]
+pub struct SetState {
+    recording: Marked,
+    sending: Option<Sending>,
+    next_id: u64,
+    /// Bound of the images set aside, in bytes.
+    aside_max: usize,
+}
+
+impl SetState {
+    pub fn new(aside_max: usize) -> SetState {
+        SetState { recording: Marked::default(), sending: None, next_id: 1, aside_max }
+    }
+
+    // ----- recording (after a mutation) -----
+
+    pub fn mark_write(&mut self, file: FileId, offset: u64, len: u64) {
+        if len > 0 {
+            let last = offset.saturating_add(len - 1) / BLOCK_SIZE;
+            self.recording.blocks.insert(file, offset / BLOCK_SIZE, last);
+        }
+    }
+
+    pub fn mark_entries(&mut self, dir: FileId) {
+        self.recording.entries.insert(dir);
+    }
+
+    pub fn mark_attr(&mut self, id: FileId) {
+        self.recording.attrs.insert(id);
+    }
+
+    // ----- the swap -----
+
+    /// Under the gate (no mutation in flight): the recording marks become the set to send and
+    /// a fresh recording starts. `None` while the last set is still being sent (its locations
+    /// stay in the recording, and the next swap takes them) or when nothing changed.
+    pub fn swap(&mut self) -> Option<u64> {
+        if self.sending.is_some() || self.recording.is_empty() {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        // A file whose blocks changed gets its attributes sent too: its size and mtime at the
+        // swap. Without the size, a block read after a later write past the end (which fills
+        // the gap with zeros) would lengthen the target's file beyond the swap's.
+        let changed: Vec<FileId> = self.recording.blocks.files.keys().copied().collect();
+        self.recording.attrs.extend(changed);
+        self.sending = Some(Sending {
+            id,
+            todo: std::mem::take(&mut self.recording),
+            blocks_aside: BTreeMap::new(),
+            entries_aside: BTreeMap::new(),
+            attrs_aside: BTreeMap::new(),
+            bytes_aside: 0,
+            sent: Marked::default(),
+        });
+        Some(id)
+    }
+
+    /// The set being sent, if any.
+    pub fn sending_id(&self) -> Option<u64> {
+        self.sending.as_ref().map(|s| s.id)
+    }
+
+    // ----- before a mutation (004:3–7) -----
+
+    /// Before bytes `[offset, offset + len)` of `file` change; its attributes too (a write
+    /// may change its size, and changes its mtime).
+    pub fn preserve_write(&mut self, src: &dyn Source, file: FileId, offset: u64, len: u64) -> io::Result<Preserve> {
+        if len == 0 {
+            return Ok(Preserve::Done);
+        }
+        self.preserve_attr(src, file)?;
+        let (first, last) = (offset / BLOCK_SIZE, offset.saturating_add(len - 1) / BLOCK_SIZE);
+        let blocks: Vec<u64> = match &self.sending {
+            Some(s) => s.todo.blocks.of_file_from(file, first).into_iter().take_while(|b| *b <= last).collect(),
+            None => return Ok(Preserve::Done),
+        };
+        self.preserve_blocks(src, file, &blocks)
+    }
+
+    /// Before `file` is cut to `size` bytes, or loses its last name (`size` 0): every block
+    /// still to send from there on, and its attributes.
+    pub fn preserve_from(&mut self, src: &dyn Source, file: FileId, size: u64) -> io::Result<Preserve> {
+        self.preserve_attr(src, file)?;
+        let blocks = match &self.sending {
+            Some(s) => s.todo.blocks.of_file_from(file, size / BLOCK_SIZE),
+            None => return Ok(Preserve::Done),
+        };
+        self.preserve_blocks(src, file, &blocks)
+    }
+
+    fn preserve_blocks(&mut self, src: &dyn Source, file: FileId, blocks: &[u64]) -> io::Result<Preserve> {
+        let s = self.sending.as_mut().expect("checked by the callers");
+        for &block in blocks {
+            if s.bytes_aside + BLOCK_SIZE as usize > self.aside_max {
+                return Ok(Preserve::SendFirst { file, block });
+            }
+            let data = read_block(src, file, block)?;
+            s.bytes_aside += data.len();
+            s.blocks_aside.insert((file, block), data);
+            s.todo.blocks.remove(file, block);
+        }
+        Ok(Preserve::Done)
+    }
+
+    /// Before directory `dir`'s names change.
+    pub fn preserve_entries(&mut self, src: &dyn Source, dir: FileId) -> io::Result<()> {
+        let Some(s) = self.sending.as_mut() else { return Ok(()) };
+        if s.todo.entries.remove(&dir) {
+            let entries = gone_as_empty(src.entries(dir))?;
+            s.entries_aside.insert(dir, entries);
+        }
+        Ok(())
+    }
+
+    /// Before object `id`'s attributes change.
+    pub fn preserve_attr(&mut self, src: &dyn Source, id: FileId) -> io::Result<()> {
+        let Some(s) = self.sending.as_mut() else { return Ok(()) };
+        if s.todo.attrs.remove(&id) {
+            match src.describe(id) {
+                Ok(d) => {
+                    s.attrs_aside.insert(id, d);
+                }
+                Err(e) if is_gone(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether block `block` of `file` still waits in the set (a `SendFirst` waiter polls it).
+    pub fn is_pending(&self, file: FileId, block: u64) -> bool {
+        self.sending.as_ref().is_some_and(|s| s.todo.blocks.contains(file, block))
+    }
+
+    // ----- the sender (004:9) -----
+
+    /// The next item of the set: directories first, then blocks, then attributes; `next_first`
+    /// is a block a mutation waits for (sent before the others). `None` when the set is all sent
+    /// (then `finish`).
+    pub fn next_item(&mut self, src: &dyn Source, next_first: Option<(FileId, u64)>) -> io::Result<Option<Item>> {
+        let Some(s) = self.sending.as_mut() else { return Ok(None) };
+        if let Some((file, block)) = next_first.filter(|(f, b)| s.todo.blocks.contains(*f, *b)) {
+            s.todo.blocks.remove(file, block);
+            s.sent.blocks.insert(file, block, block);
+            return Ok(Some(Item::Block { file, block, data: read_block(src, file, block)? }));
+        }
+        if let Some((dir, entries)) = s.entries_aside.pop_first() {
+            s.sent.entries.insert(dir);
+            return Ok(Some(Item::Entries { dir, entries }));
+        }
+        if let Some(dir) = s.todo.entries.pop_first() {
+            s.sent.entries.insert(dir);
+            return Ok(Some(Item::Entries { dir, entries: gone_as_empty(src.entries(dir))? }));
+        }
+        if let Some(((file, block), data)) = s.blocks_aside.pop_first() {
+            s.bytes_aside -= data.len();
+            s.sent.blocks.insert(file, block, block);
+            return Ok(Some(Item::Block { file, block, data }));
+        }
+        if let Some((file, block)) = s.todo.blocks.first() {
+            s.todo.blocks.remove(file, block);
+            s.sent.blocks.insert(file, block, block);
+            return Ok(Some(Item::Block { file, block, data: read_block(src, file, block)? }));
+        }
+        if let Some((id, desc)) = s.attrs_aside.pop_first() {
+            s.sent.attrs.insert(id);
+            return Ok(Some(Item::Node(desc)));
+        }
+        while let Some(id) = s.todo.attrs.pop_first() {
+            s.sent.attrs.insert(id);
+            match src.describe(id) {
+                Ok(d) => return Ok(Some(Item::Node(d))),
+                Err(e) if is_gone(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The set is all sent and the target committed it: the next swap may come.
+    pub fn finish(&mut self) -> Option<u64> {
+        self.sending.take().map(|s| s.id)
+    }
+
+    /// The set could not be completed (the connection broke, the target restarted): every
+    /// location it held goes back into the recording, sent or not (the target discards a set it
+    /// did not commit), so the next set carries it.
+    pub fn abandon(&mut self) {
+        let Some(s) = self.sending.take() else { return };
+        for m in [&s.todo, &s.sent] {
+            self.recording.add(m);
+        }
+        for (file, block) in s.blocks_aside.keys() {
+            self.recording.blocks.insert(*file, *block, *block);
+        }
+        self.recording.entries.extend(s.entries_aside.keys().copied());
+        self.recording.attrs.extend(s.attrs_aside.keys().copied());
+    }
+
+    /// Bytes of images set aside now.
+    pub fn bytes_aside(&self) -> usize {
+        self.sending.as_ref().map_or(0, |s| s.bytes_aside)
+    }
+
+    pub fn recording(&self) -> &Marked {
+        &self.recording
+    }
+}
+
+/// A block's bytes now (short at the file's end; empty past it or when the file is gone).
+fn read_block(src: &dyn Source, file: FileId, block: u64) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let mut n = 0;
+    while n < buf.len() {
+        match src.read(file, block * BLOCK_SIZE + n as u64, &mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if is_gone(&e) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn gone_as_empty<T>(r: io::Result<Vec<T>>) -> io::Result<Vec<T>> {
+    match r {
+        Err(e) if is_gone(&e) => Ok(Vec::new()),
+        r => r,
+    }
+}
+
+fn is_gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE))
+}
+
+#[cfg(test)]
+#[path = "sets_tests.rs"]
+mod tests;
