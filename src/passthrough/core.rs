@@ -1,7 +1,7 @@
 //! "Journal, apply, outcome": the one place every mutation goes through (design §1).
 
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::ids::IdTable;
 use crate::format::ops::{Op, SetAttr};
@@ -35,6 +35,13 @@ type R<T> = Result<T, Errno>;
 pub trait Marks: Send + Sync {
     fn write(&self, lsn: Lsn, file: FileId, offset: u64, len: u64);
     fn op(&self, lsn: Lsn, op: &Op);
+    /// Right before a write changes the backing file (its record journaled, the file's lock
+    /// held): a set-mode target preserves the images it still needs (claims 004:3–7,
+    /// docs/CONSISTENCY.md). May wait for the sender; never fails the write.
+    fn before_write(&self, _file: FileId, _offset: u64, _len: u64) {}
+    /// Right before an op changes the backing directory (its intent journaled, the namespace
+    /// or file lock held), likewise.
+    fn before_op(&self, _op: &Op) {}
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +71,10 @@ pub struct Core<S: Storage, T: Tree> {
     /// The journal's replication set id, which the applied marker carries.
     set_id: [u8; 16],
     marks: std::sync::OnceLock<Arc<dyn Marks>>,
+    /// Every mutation holds it shared from its first record to its marks; a swap of consistent
+    /// sets takes it exclusively (`swap`): new mutations wait, those in flight end first
+    /// (claims 004:1–2). Taken before any other lock of the core.
+    gate: RwLock<()>,
 }
 
 impl<S: Storage, T: Tree> Core<S, T> {
@@ -99,7 +110,24 @@ impl<S: Storage, T: Tree> Core<S, T> {
             root_handle,
             set_id,
             marks: std::sync::OnceLock::new(),
+            gate: RwLock::new(()),
         })
+    }
+
+    /// A swap of consistent sets (claims 004:1–2, 10): waits until no mutation is in flight,
+    /// holding new ones back, runs `swap` (which must only move maps: nothing slow), and lets
+    /// them go. Returns how long mutations were held: from asking for the gate to releasing it.
+    pub fn swap(&self, swap: impl FnOnce()) -> std::time::Duration {
+        let asked = std::time::Instant::now();
+        let held = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        swap();
+        drop(held);
+        asked.elapsed()
+    }
+
+    /// Entered by every mutation first (see `gate`).
+    fn enter(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Replication: every change from now on marks `marks` before its transaction ends.
@@ -239,6 +267,9 @@ impl<S: Storage, T: Tree> Core<S, T> {
     /// Journals `op`, applies it with `apply`, then journals the outcome.
     fn transact<X>(&self, op: &Op, apply: impl FnOnce() -> io::Result<X>) -> R<(TxId, X)> {
         let tx = self.journal.append_op(op)?;
+        if let Some(m) = self.marks.get() {
+            m.before_op(op);
+        }
         match apply() {
             Ok(x) => Ok((tx, x)),
             Err(e) => Err(self.abort(tx, Errno::from(e), |m, lsn| m.op(lsn, op))),
@@ -249,6 +280,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
 
     /// Creates an object of any kind; the id is assigned before the intent is journaled.
     pub fn create(&self, parent: FileId, name: &[u8], new: &NewNode<'_>) -> R<(FileId, Arc<T::Node>)> {
+        let _gate = self.enter();
         let dir = self.node(parent)?;
         let _ns = self.namespace.lock().unwrap();
         let new_id = self.ids().allocate();
@@ -287,6 +319,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
     }
 
     pub fn link(&self, id: FileId, new_parent: FileId, new_name: &[u8]) -> R<Arc<T::Node>> {
+        let _gate = self.enter();
         let node = self.node(id)?;
         let dir = self.node(new_parent)?;
         let _ns = self.namespace.lock().unwrap();
@@ -305,6 +338,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
     }
 
     pub fn unlink(&self, parent: FileId, name: &[u8], is_dir: bool) -> R<()> {
+        let _gate = self.enter();
         let dir = self.node(parent)?;
         let _ns = self.namespace.lock().unwrap();
         let id = self.peek(&dir, name)?;
@@ -316,6 +350,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
     }
 
     pub fn rename(&self, parent: FileId, name: &[u8], new_parent: FileId, new_name: &[u8], flags: u32) -> R<()> {
+        let _gate = self.enter();
         let from = self.node(parent)?;
         let to = self.node(new_parent)?;
         let _ns = self.namespace.lock().unwrap();
@@ -336,6 +371,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
     // ----- attributes --------------------------------------------------------------------
 
     pub fn set_attr(&self, id: FileId, attr: &SetAttr) -> R<Arc<T::Node>> {
+        let _gate = self.enter();
         let node = self.node(id)?;
         let _f = self.file_lock(id);
         let op = Op::SetAttr { id, attr: attr.clone() };
@@ -353,6 +389,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
     }
 
     pub fn set_xattr(&self, id: FileId, name: &[u8], value: &[u8], flags: u32) -> R<()> {
+        let _gate = self.enter();
         let node = self.node(id)?;
         let _f = self.file_lock(id);
         let op = Op::SetXattr { id, name: name.to_vec(), value: value.to_vec(), flags };
@@ -362,6 +399,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
     }
 
     pub fn remove_xattr(&self, id: FileId, name: &[u8]) -> R<()> {
+        let _gate = self.enter();
         let node = self.node(id)?;
         let _f = self.file_lock(id);
         let op = Op::RemoveXattr { id, name: name.to_vec() };
@@ -379,6 +417,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         len: u64,
         apply: Option<&dyn Fn() -> io::Result<()>>,
     ) -> R<()> {
+        let _gate = self.enter();
         let node = self.node(id)?;
         let _f = self.file_lock(id);
         let op = Op::Fallocate { id, mode, offset, len };
@@ -395,10 +434,12 @@ impl<S: Storage, T: Tree> Core<S, T> {
     /// Journals `data` at `offset` of `id`, then writes it with `apply` (a pwrite on the open
     /// fd, which must write everything or fail). An `Abort` follows a failed write.
     pub fn write(&self, id: FileId, offset: u64, data: &[u8], apply: impl FnOnce() -> io::Result<()>) -> R<TxId> {
+        let _gate = self.enter();
         let _f = self.file_lock(id);
         let (tx, time) = self.journal.append_write_stamped(id, offset, data)?;
         let len = data.len() as u64;
         if let Some(m) = self.marks.get() {
+            m.before_write(id, offset, len);
             // At or past the write's last record (its chunks may interleave with others).
             m.write(Lsn(self.journal.next_lsn().0 - 1), id, offset, len);
         }
@@ -442,3 +483,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
         f()
     }
 }
+
+#[cfg(test)]
+#[path = "gate_tests.rs"]
+mod gate_tests;
