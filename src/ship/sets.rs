@@ -1,13 +1,15 @@
 //! A set-mode target's consistent sets, at the primary (issue 7, claims 004;
-//! docs/CONSISTENCY.md): the *recording* marks (what changed since the last swap: the second
-//! structure of 004:1) and the set being sent (the first structure: what is still to send, and
-//! the images set aside for locations changed after the swap).
+//! docs/CONSISTENCY.md). The target's sync map records what changed (004:8); at a swap, under
+//! the gate, its marks become a resync plan (the first structure, what this set sends) while new
+//! marks get a newer generation (the second structure); this module holds the set in flight:
+//! what of it is still to send, and the images set aside for locations changed after the swap.
 //!
 //! ```text
 //!  mutation ──before──> preserve(location) ──> image set aside, bit cleared   (004:3–7)
-//!          ──after───> mark(location)     ──> recording                       (004:8)
-//!  swap (gate held) ──> recording becomes the set to send; a fresh recording  (004:1, 10)
+//!          ──after───> sync map mark (a newer generation than the plan's)    (004:8)
+//!  swap (gate held) ──> plan = map.resync_plan(); begin(plan's locations)     (004:1, 10)
 //!  sender ──> next_item: an image set aside, or the current contents          (004:9)
+//!  target commits ──> map.resync_done(plan): what the plan covered is clear
 //! ```
 //!
 //! The rule that makes a set the primary's state at its swap: a location of the set is either
@@ -23,8 +25,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
 use super::source::Source;
+use crate::format::ops::Op;
 use crate::limits::BLOCK_SIZE;
 use crate::proto::wire::control::NodeDesc;
+use crate::syncmap::ResyncPlan;
 use crate::types::FileId;
 
 /// Blocks per file as disjoint inclusive ranges (`first → last`).
@@ -75,17 +79,43 @@ impl Blocks {
         true
     }
 
-    /// The blocks of `file` at or past `from`, in order (for a truncate or a removal).
-    pub fn of_file_from(&self, file: FileId, from: u64) -> Vec<u64> {
+    /// The blocks of `file` in `from..below`, in order.
+    pub fn of_file_in(&self, file: FileId, from: u64, below: u64) -> Vec<u64> {
         let Some(ranges) = self.files.get(&file) else { return Vec::new() };
         let mut out = Vec::new();
-        for (&first, &last) in ranges {
+        for (&first, &last) in ranges.range(..below) {
             if last < from {
                 continue;
             }
-            out.extend(first.max(from)..=last);
+            out.extend(first.max(from)..=last.min(below.saturating_sub(1)));
         }
         out
+    }
+
+    /// The first block of `file` at or past `from`.
+    pub fn next_from(&self, file: FileId, from: u64) -> Option<u64> {
+        let ranges = self.files.get(&file)?;
+        if let Some((_, &last)) = ranges.range(..=from).next_back()
+            && last >= from
+        {
+            return Some(from);
+        }
+        ranges.range(from..).next().map(|(f, _)| *f)
+    }
+
+    /// Drops every block of `file` at or past `from`.
+    pub fn remove_from(&mut self, file: FileId, from: u64) {
+        let Some(ranges) = self.files.get_mut(&file) else { return };
+        let cut: Vec<(u64, u64)> = ranges.iter().filter(|(_, l)| **l >= from).map(|(f, l)| (*f, *l)).collect();
+        for (first, _) in &cut {
+            ranges.remove(first);
+        }
+        if let Some((first, _)) = cut.first().filter(|(f, _)| *f < from) {
+            ranges.insert(*first, from - 1);
+        }
+        if ranges.is_empty() {
+            self.files.remove(&file);
+        }
     }
 
     /// The first block of the first file, if any.
@@ -113,6 +143,23 @@ pub struct Marked {
 impl Marked {
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty() && self.entries.is_empty() && self.attrs.is_empty()
+    }
+
+    /// The locations of a sync map's resync plan.
+    pub fn from_plan(plan: &ResyncPlan) -> Marked {
+        let mut m = Marked::default();
+        for f in &plan.files {
+            for r in &f.blocks {
+                m.blocks.insert(f.file, r.first, r.last);
+            }
+            if f.entries {
+                m.entries.insert(f.file);
+            }
+            if f.attr {
+                m.attrs.insert(f.file);
+            }
+        }
+        m
     }
 
     /// Adds every location of `other`.
@@ -160,68 +207,44 @@ struct Sending {
     entries_aside: BTreeMap<FileId, Vec<(Vec<u8>, NodeDesc)>>,
     attrs_aside: BTreeMap<FileId, NodeDesc>,
     bytes_aside: usize,
-    /// What was taken from `todo` and sent (to put back if the set is abandoned).
-    sent: Marked,
 }
 
-/// One set-mode target's marks and set.
+/// One set-mode target's set in flight. Which locations a set holds is the sync map's business
+/// (a resync plan taken under the gate: `SyncMap::resync_plan`, cleared by `resync_done` once
+/// the target commits the set); this is what happens to them between the swap and the commit.
 #[derive(Debug)]
 pub struct SetState {
-    recording: Marked,
     sending: Option<Sending>,
-    next_id: u64,
     /// Bound of the images set aside, in bytes.
     aside_max: usize,
 }
 
 impl SetState {
     pub fn new(aside_max: usize) -> SetState {
-        SetState { recording: Marked::default(), sending: None, next_id: 1, aside_max }
+        SetState { sending: None, aside_max }
     }
 
-    // ----- recording (after a mutation) -----
-
-    pub fn mark_write(&mut self, file: FileId, offset: u64, len: u64) {
-        if len > 0 {
-            let last = offset.saturating_add(len - 1) / BLOCK_SIZE;
-            self.recording.blocks.insert(file, offset / BLOCK_SIZE, last);
+    /// Under the gate (no mutation in flight), at the swap: set `id` of `locations` begins.
+    /// Refused (false) while another set is being sent; its locations are still marked in the
+    /// sync map, so the next swap takes them.
+    pub fn begin(&mut self, id: u64, mut locations: Marked) -> bool {
+        if self.sending.is_some() {
+            return false;
         }
-    }
-
-    pub fn mark_entries(&mut self, dir: FileId) {
-        self.recording.entries.insert(dir);
-    }
-
-    pub fn mark_attr(&mut self, id: FileId) {
-        self.recording.attrs.insert(id);
-    }
-
-    // ----- the swap -----
-
-    /// Under the gate (no mutation in flight): the recording marks become the set to send and
-    /// a fresh recording starts. `None` while the last set is still being sent (its locations
-    /// stay in the recording, and the next swap takes them) or when nothing changed.
-    pub fn swap(&mut self) -> Option<u64> {
-        if self.sending.is_some() || self.recording.is_empty() {
-            return None;
-        }
-        let id = self.next_id;
-        self.next_id += 1;
         // A file whose blocks changed gets its attributes sent too: its size and mtime at the
-        // swap. Without the size, a block read after a later write past the end (which fills
-        // the gap with zeros) would lengthen the target's file beyond the swap's.
-        let changed: Vec<FileId> = self.recording.blocks.files.keys().copied().collect();
-        self.recording.attrs.extend(changed);
+        // swap. The size also makes every block past the swap's end irrelevant (the target cuts
+        // the file to it), which is why blocks found past the end later are dropped unsent.
+        let changed: Vec<FileId> = locations.blocks.files.keys().copied().collect();
+        locations.attrs.extend(changed);
         self.sending = Some(Sending {
             id,
-            todo: std::mem::take(&mut self.recording),
+            todo: locations,
             blocks_aside: BTreeMap::new(),
             entries_aside: BTreeMap::new(),
             attrs_aside: BTreeMap::new(),
             bytes_aside: 0,
-            sent: Marked::default(),
         });
-        Some(id)
+        true
     }
 
     /// The set being sent, if any.
@@ -231,42 +254,93 @@ impl SetState {
 
     // ----- before a mutation (004:3–7) -----
 
+    /// Before an op changes the backing directory: every location it may change.
+    pub fn preserve_op(&mut self, src: &dyn Source, op: &Op) -> io::Result<Preserve> {
+        if self.sending.is_none() {
+            return Ok(Preserve::Done);
+        }
+        let (dirs, objects, gone): (Vec<FileId>, Vec<FileId>, Option<FileId>) = match op {
+            Op::Create { parent, .. } => (vec![*parent], vec![], None),
+            Op::Link { id, new_parent, .. } => (vec![*new_parent], vec![*id], None),
+            Op::Unlink { parent, id, .. } => (vec![*parent], vec![*id], Some(*id)),
+            Op::Rename { parent, new_parent, id, replaced, .. } => {
+                let replaced = (*replaced != FileId::NONE).then_some(*replaced);
+                (vec![*parent, *new_parent], [Some(*id), replaced].into_iter().flatten().collect(), replaced)
+            }
+            Op::SetAttr { id, attr } => {
+                if let Some(size) = attr.size {
+                    let p = self.preserve_from(src, *id, size)?;
+                    if p != Preserve::Done {
+                        return Ok(p);
+                    }
+                }
+                (vec![], vec![*id], None)
+            }
+            Op::SetXattr { id, .. } | Op::RemoveXattr { id, .. } => (vec![], vec![*id], None),
+            Op::Fallocate { id, offset, len, .. } => return self.preserve_write(src, *id, *offset, *len),
+        };
+        for dir in &dirs {
+            self.preserve_entries(src, *dir)?;
+            self.preserve_attr(src, *dir)?;
+        }
+        for id in objects.iter().chain(op.mtime_ids().iter()) {
+            self.preserve_attr(src, *id)?;
+        }
+        // An object that may lose its last name: its data may go with it.
+        match gone {
+            Some(id) => self.preserve_from(src, id, 0),
+            None => Ok(Preserve::Done),
+        }
+    }
+
     /// Before bytes `[offset, offset + len)` of `file` change; its attributes too (a write
     /// may change its size, and changes its mtime).
     pub fn preserve_write(&mut self, src: &dyn Source, file: FileId, offset: u64, len: u64) -> io::Result<Preserve> {
-        if len == 0 {
+        if len == 0 || self.sending.is_none() {
             return Ok(Preserve::Done);
         }
         self.preserve_attr(src, file)?;
-        let (first, last) = (offset / BLOCK_SIZE, offset.saturating_add(len - 1) / BLOCK_SIZE);
-        let blocks: Vec<u64> = match &self.sending {
-            Some(s) => s.todo.blocks.of_file_from(file, first).into_iter().take_while(|b| *b <= last).collect(),
-            None => return Ok(Preserve::Done),
-        };
-        self.preserve_blocks(src, file, &blocks)
+        let last = offset.saturating_add(len - 1) / BLOCK_SIZE;
+        self.preserve_blocks(src, file, offset / BLOCK_SIZE, Some(last))
     }
 
     /// Before `file` is cut to `size` bytes, or loses its last name (`size` 0): every block
     /// still to send from there on, and its attributes.
     pub fn preserve_from(&mut self, src: &dyn Source, file: FileId, size: u64) -> io::Result<Preserve> {
+        if self.sending.is_none() {
+            return Ok(Preserve::Done);
+        }
         self.preserve_attr(src, file)?;
-        let blocks = match &self.sending {
-            Some(s) => s.todo.blocks.of_file_from(file, size / BLOCK_SIZE),
-            None => return Ok(Preserve::Done),
-        };
-        self.preserve_blocks(src, file, &blocks)
+        self.preserve_blocks(src, file, size / BLOCK_SIZE, None)
     }
 
-    fn preserve_blocks(&mut self, src: &dyn Source, file: FileId, blocks: &[u64]) -> io::Result<Preserve> {
+    /// Sets aside the images of the blocks of `file` still to send in `from..=last` (to its
+    /// end when `last` is `None`). A block past the file's end now is past its end at the swap
+    /// too (see `begin`): it and the rest are dropped unsent.
+    fn preserve_blocks(
+        &mut self,
+        src: &dyn Source,
+        file: FileId,
+        from: u64,
+        last: Option<u64>,
+    ) -> io::Result<Preserve> {
         let s = self.sending.as_mut().expect("checked by the callers");
-        for &block in blocks {
-            if s.bytes_aside + BLOCK_SIZE as usize > self.aside_max {
+        let mut at = from;
+        while let Some(block) = s.todo.blocks.next_from(file, at).filter(|b| last.is_none_or(|l| *b <= l)) {
+            // The end first: past it nothing is kept or waited for (a range marked to the end
+            // of a file holds some 2^52 blocks).
+            let data = read_block(src, file, block)?;
+            if data.is_empty() {
+                s.todo.blocks.remove_from(file, block);
+                break;
+            }
+            if s.bytes_aside + data.len() > self.aside_max {
                 return Ok(Preserve::SendFirst { file, block });
             }
-            let data = read_block(src, file, block)?;
             s.bytes_aside += data.len();
             s.blocks_aside.insert((file, block), data);
             s.todo.blocks.remove(file, block);
+            at = block + 1;
         }
         Ok(Preserve::Done)
     }
@@ -310,33 +384,32 @@ impl SetState {
         let Some(s) = self.sending.as_mut() else { return Ok(None) };
         if let Some((file, block)) = next_first.filter(|(f, b)| s.todo.blocks.contains(*f, *b)) {
             s.todo.blocks.remove(file, block);
-            s.sent.blocks.insert(file, block, block);
             return Ok(Some(Item::Block { file, block, data: read_block(src, file, block)? }));
         }
         if let Some((dir, entries)) = s.entries_aside.pop_first() {
-            s.sent.entries.insert(dir);
             return Ok(Some(Item::Entries { dir, entries }));
         }
         if let Some(dir) = s.todo.entries.pop_first() {
-            s.sent.entries.insert(dir);
             return Ok(Some(Item::Entries { dir, entries: gone_as_empty(src.entries(dir))? }));
         }
         if let Some(((file, block), data)) = s.blocks_aside.pop_first() {
             s.bytes_aside -= data.len();
-            s.sent.blocks.insert(file, block, block);
             return Ok(Some(Item::Block { file, block, data }));
         }
-        if let Some((file, block)) = s.todo.blocks.first() {
+        while let Some((file, block)) = s.todo.blocks.first() {
+            let data = read_block(src, file, block)?;
+            if data.is_empty() {
+                // Past the file's end: so is the rest of it (see `begin`).
+                s.todo.blocks.remove_from(file, block);
+                continue;
+            }
             s.todo.blocks.remove(file, block);
-            s.sent.blocks.insert(file, block, block);
-            return Ok(Some(Item::Block { file, block, data: read_block(src, file, block)? }));
+            return Ok(Some(Item::Block { file, block, data }));
         }
-        if let Some((id, desc)) = s.attrs_aside.pop_first() {
-            s.sent.attrs.insert(id);
+        if let Some((_, desc)) = s.attrs_aside.pop_first() {
             return Ok(Some(Item::Node(desc)));
         }
         while let Some(id) = s.todo.attrs.pop_first() {
-            s.sent.attrs.insert(id);
             match src.describe(id) {
                 Ok(d) => return Ok(Some(Item::Node(d))),
                 Err(e) if is_gone(&e) => continue,
@@ -346,33 +419,22 @@ impl SetState {
         Ok(None)
     }
 
-    /// The set is all sent and the target committed it: the next swap may come.
+    /// The set is all sent and the target committed it: the next swap may come (the caller
+    /// clears the sync map's plan).
     pub fn finish(&mut self) -> Option<u64> {
         self.sending.take().map(|s| s.id)
     }
 
-    /// The set could not be completed (the connection broke, the target restarted): every
-    /// location it held goes back into the recording, sent or not (the target discards a set it
-    /// did not commit), so the next set carries it.
-    pub fn abandon(&mut self) {
-        let Some(s) = self.sending.take() else { return };
-        for m in [&s.todo, &s.sent] {
-            self.recording.add(m);
-        }
-        for (file, block) in s.blocks_aside.keys() {
-            self.recording.blocks.insert(*file, *block, *block);
-        }
-        self.recording.entries.extend(s.entries_aside.keys().copied());
-        self.recording.attrs.extend(s.attrs_aside.keys().copied());
+    /// The set could not be completed (the connection broke, the target restarted): it is
+    /// dropped. Its locations are still marked in the sync map (only a commit clears them),
+    /// so the next set carries them.
+    pub fn abandon(&mut self) -> Option<u64> {
+        self.sending.take().map(|s| s.id)
     }
 
     /// Bytes of images set aside now.
     pub fn bytes_aside(&self) -> usize {
         self.sending.as_ref().map_or(0, |s| s.bytes_aside)
-    }
-
-    pub fn recording(&self) -> &Marked {
-        &self.recording
     }
 }
 

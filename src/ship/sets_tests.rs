@@ -13,6 +13,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::format::ops::SetAttr;
+use crate::syncmap::{PlanId, SyncMap};
+use crate::types::Lsn;
 
 const DIR: FileId = FileId(1);
 const FILES: [u64; 4] = [10, 11, 12, 13];
@@ -111,6 +114,10 @@ fn diff(a: &State, b: &State) -> String {
 struct World {
     p: Primary,
     sets: SetState,
+    /// The target's sync map: marks after each mutation, a plan at each swap.
+    map: SyncMap,
+    lsn: u64,
+    plan: Option<PlanId>,
     /// The target as it shows after each complete set.
     target: State,
     /// The set being applied at the target, staged until complete (then switched in).
@@ -142,25 +149,32 @@ impl World {
                 }
                 d[offset as usize..end].fill(byte);
                 drop(st);
-                self.sets.mark_write(FileId(f), offset, len);
+                let lsn = self.next_lsn();
+                self.map.mark_write(lsn, FileId(f), offset, len);
             }
             6 | 7 => {
                 let size = rng.gen_range(0..5 * BS as u64);
                 let old = self.p.0.lock().unwrap().data[&f].len() as u64;
                 self.log.push(format!("truncate {f} {old} -> {size}"));
-                self.until_preserved(|s, p| s.preserve_from(p, FileId(f), size));
-                self.sets.preserve_attr(&self.p, FileId(f)).unwrap();
+                let op = Op::SetAttr { id: FileId(f), attr: SetAttr { size: Some(size), ..Default::default() } };
+                self.until_preserved(|s, p| s.preserve_op(p, &op));
                 self.p.0.lock().unwrap().data.get_mut(&f).unwrap().resize(size as usize, 0);
-                // As `Core::set_attr`: the bytes a truncate destroyed are marked too.
-                if old > size {
-                    self.sets.mark_write(FileId(f), size, old - size);
+                // As `Core::set_attr`: the bytes a truncate destroyed are marked too; or, as a
+                // re-mark from the journal after a crash does, everything past the new size.
+                let lsn = self.next_lsn();
+                if rng.gen_range(0..2) == 0 {
+                    self.map.mark_write(lsn, FileId(f), size, u64::MAX - size);
+                } else if old > size {
+                    self.map.mark_write(lsn, FileId(f), size, old - size);
                 }
-                self.sets.mark_attr(FileId(f));
+                self.map.mark_attr(lsn, FileId(f));
             }
             8 => {
-                self.sets.preserve_attr(&self.p, FileId(f)).unwrap();
+                let op = Op::SetAttr { id: FileId(f), attr: SetAttr { mode: Some(0o600), ..Default::default() } };
+                self.until_preserved(|s, p| s.preserve_op(p, &op));
                 self.p.0.lock().unwrap().mode.insert(f, 0o600 + rng.gen_range(0..8));
-                self.sets.mark_attr(FileId(f));
+                let lsn = self.next_lsn();
+                self.map.mark_attr(lsn, FileId(f));
             }
             _ => {
                 // Two names trade places (a rename with RENAME_EXCHANGE).
@@ -173,7 +187,8 @@ impl World {
                 st.names.insert(a, ib);
                 st.names.insert(b, ia);
                 drop(st);
-                self.sets.mark_entries(DIR);
+                let lsn = self.next_lsn();
+                self.map.mark_entries(lsn, DIR);
             }
         }
         assert!(self.sets.bytes_aside() <= self.aside_max, "images aside past their bound");
@@ -194,12 +209,22 @@ impl World {
         }
     }
 
+    fn next_lsn(&mut self) -> Lsn {
+        self.lsn += 1;
+        Lsn(self.lsn)
+    }
+
+    /// Under the gate (no mutation is in flight here): the map's marks become the next set.
     fn swap(&mut self) {
-        if let Some(id) = self.sets.swap() {
-            self.log.push(format!("swap {id}"));
-            self.at_swap = Some(self.p.0.lock().unwrap().clone());
-            self.staged.clear();
+        if self.sets.sending_id().is_some() || self.map.is_clean() {
+            return;
         }
+        let plan = self.map.resync_plan(Lsn(self.lsn + 1));
+        assert!(self.sets.begin(plan.id.0, Marked::from_plan(&plan)));
+        self.log.push(format!("swap {}", plan.id.0));
+        self.plan = Some(plan.id);
+        self.at_swap = Some(self.p.0.lock().unwrap().clone());
+        self.staged.clear();
     }
 
     /// Up to `n` items of the set; at its end the staged set is switched in and checked.
@@ -218,6 +243,7 @@ impl World {
                 }
                 None => {
                     if self.sets.finish().is_some() {
+                        self.map.resync_done(self.plan.take().unwrap()).unwrap();
                         let mut t = self.target.clone();
                         for item in self.staged.drain(..) {
                             apply(&mut t, item);
@@ -243,6 +269,7 @@ impl World {
     fn abandon(&mut self) {
         if self.sets.sending_id().is_some() {
             self.sets.abandon();
+            self.plan = None;
             self.log.push("abandon".into());
             self.staged.clear();
             self.at_swap = None;
@@ -254,13 +281,17 @@ impl World {
 #[test]
 fn every_complete_set_is_the_primary_at_its_swap() {
     let seeds = std::env::var("FERRYFS_SIM_SETS_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(300u64);
+    let base = std::env::var("FERRYFS_SIM_SEED_BASE").ok().and_then(|v| v.parse().ok()).unwrap_or(0u64);
     let mut totals = (0, 0, 0);
-    for seed in 0..seeds {
+    for seed in base..base + seeds {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let aside_max = [2 * BS, 8 * BS, 1 << 20][rng.gen_range(0..3)];
         let mut w = World {
             p: Primary(Mutex::new(State::new())),
             sets: SetState::new(aside_max),
+            map: SyncMap::new_in_sync(Lsn(1)),
+            lsn: 1,
+            plan: None,
             target: State::new(),
             staged: Vec::new(),
             at_swap: None,
@@ -295,12 +326,15 @@ fn every_complete_set_is_the_primary_at_its_swap() {
         totals = (totals.0 + w.stats.0, totals.1 + w.stats.1, totals.2 + w.stats.2);
     }
     eprintln!("{seeds} seeds: {} sets complete, {} abandoned, {} waits for the sender", totals.0, totals.1, totals.2);
-    assert!(totals.0 > seeds && totals.1 > 0 && totals.2 > 0, "the model exercised too little: {totals:?}");
+    if seeds >= 50 {
+        assert!(totals.0 > seeds && totals.1 > 0 && totals.2 > 0, "the model exercised too little: {totals:?}");
+    }
 }
 
 #[test]
 fn overwrites_within_an_interval_send_each_block_once() {
     let p = Primary(Mutex::new(State::new()));
+    let mut map = SyncMap::new_in_sync(Lsn(1));
     let mut sets = SetState::new(1 << 20);
     for i in 0..1000u64 {
         let off = (i % 4) * BLOCK_SIZE;
@@ -310,9 +344,10 @@ fn overwrites_within_an_interval_send_each_block_once() {
         d.resize(d.len().max(off as usize + BS), 0);
         d[off as usize..off as usize + BS].fill(i as u8);
         drop(st);
-        sets.mark_write(FileId(10), off, BLOCK_SIZE);
+        map.mark_write(Lsn(i + 2), FileId(10), off, BLOCK_SIZE);
     }
-    assert_eq!(sets.swap(), Some(1));
+    let plan = map.resync_plan(Lsn(1002));
+    assert!(sets.begin(plan.id.0, Marked::from_plan(&plan)));
     let (mut blocks, mut nodes) = (0, 0);
     while let Some(item) = sets.next_item(&p, None).unwrap() {
         match item {
@@ -326,8 +361,9 @@ fn overwrites_within_an_interval_send_each_block_once() {
     }
     assert_eq!(blocks, 4, "1,000 writes to 4 blocks in one interval are 4 blocks sent");
     assert_eq!(nodes, 1, "and the file's attributes once (its size and mtime at the swap)");
-    assert_eq!(sets.finish(), Some(1));
-    assert_eq!(sets.swap(), None, "nothing changed since");
+    assert!(sets.finish().is_some());
+    map.resync_done(plan.id).unwrap();
+    assert!(map.is_clean(), "nothing changed since");
 }
 
 #[test]
@@ -340,7 +376,12 @@ fn block_ranges_merge_split_and_list() {
     assert!(b.remove(FileId(1), 6));
     assert!(!b.remove(FileId(1), 6));
     assert!(!b.contains(FileId(1), 6) && b.contains(FileId(1), 7) && b.contains(FileId(1), 5));
-    assert_eq!(b.of_file_from(FileId(1), 2), vec![2, 5, 7, 8, 9]);
+    assert_eq!(b.of_file_in(FileId(1), 2, 9), vec![2, 5, 7, 8]);
+    assert_eq!(b.next_from(FileId(1), 3), Some(5));
+    assert_eq!(b.next_from(FileId(1), 8), Some(8));
+    let mut c = b.clone();
+    c.remove_from(FileId(1), 8);
+    assert_eq!(c.of_file_in(FileId(1), 0, u64::MAX), vec![1, 2, 5, 7]);
     assert_eq!(b.first(), Some((FileId(1), 1)));
     for x in [1, 2, 5, 7, 8, 9] {
         assert!(b.remove(FileId(1), x));
