@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::source::Source;
 use crate::format::ops::Op;
 use crate::format::record::{self, Kind};
 use crate::io::Storage;
@@ -75,6 +76,8 @@ pub struct LinkInner {
 
 pub struct Link {
     pub url: String,
+    /// Set mode (`?consistency-interval=`): the target gets consistent sets, not every record.
+    pub sets: std::sync::OnceLock<Arc<super::set_link::SetLink>>,
     /// The map file's name in the journal directory.
     pub map_file: String,
     inner: Mutex<LinkInner>,
@@ -140,6 +143,8 @@ pub struct Hub<S: Storage> {
     fence: Mutex<Option<Fence>>,
     /// `--target-timeout`, in milliseconds.
     target_timeout_ms: AtomicU64,
+    /// What set-mode targets' hooks read the backing directory through (the core).
+    source: std::sync::OnceLock<Arc<dyn Source>>,
 }
 
 /// `--target-timeout`'s default: how long a target may stay unreachable before it stops
@@ -329,6 +334,7 @@ impl<S: Storage> Hub<S> {
                         target_log: None,
                     }),
                     wake: Condvar::new(),
+                    sets: std::sync::OnceLock::new(),
                 })
             })
             .collect();
@@ -346,6 +352,7 @@ impl<S: Storage> Hub<S> {
             started: Instant::now(),
             fence: Mutex::new(None),
             target_timeout_ms: (TARGET_TIMEOUT_DEFAULT.as_millis() as u64).into(),
+            source: std::sync::OnceLock::new(),
         };
         if let Some(f) = fence {
             hub.set_fenced(f);
@@ -487,7 +494,52 @@ impl<S: Storage> Hub<S> {
     }
 }
 
+impl<S: Storage> Hub<S> {
+    /// What set-mode targets read the backing directory through (the core; once).
+    pub fn set_source(&self, source: Arc<dyn Source>) {
+        let _ = self.source.set(source);
+    }
+
+    /// The set-mode links, with the source their hooks read through.
+    fn set_links(&self) -> impl Iterator<Item = (&super::set_link::SetLink, &dyn Source)> {
+        let src = self.source.get();
+        self.links.iter().filter_map(move |l| Some((l.sets.get()?.as_ref(), src?.as_ref())))
+    }
+
+    /// A swap of link `link`'s consistent sets (004:1, 10); the caller holds the core's gate
+    /// (`Core::swap`), so no mutation is in flight. The sync map's marks become the set's plan.
+    /// Returns the set's id, or `None` when nothing changed or the last set is still in flight.
+    pub fn swap_set(&self, link: &Link) -> Option<u64> {
+        let sets = link.sets.get()?;
+        let mut st = link.lock();
+        if sets.sending() || st.map.is_clean() {
+            return None;
+        }
+        let plan = st.map.resync_plan(self.journal.next_lsn());
+        sets.begin(&plan).then_some(plan.id.0)
+    }
+
+    /// The target committed link `link`'s set: what its plan covered is clear, unless marked
+    /// again since.
+    pub fn set_committed(&self, link: &Link) -> Result<(), String> {
+        let Some(plan) = link.sets.get().and_then(|s| s.finish()) else { return Ok(()) };
+        link.lock().map.resync_done(plan).map_err(|e| e.to_string())
+    }
+}
+
 impl<S: Storage> Marks for Hub<S> {
+    fn before_write(&self, file: FileId, offset: u64, len: u64) {
+        for (sets, src) in self.set_links() {
+            sets.preserve(src, |s, src| s.preserve_write(src, file, offset, len));
+        }
+    }
+
+    fn before_op(&self, op: &Op) {
+        for (sets, src) in self.set_links() {
+            sets.preserve(src, |s, src| s.preserve_op(src, op));
+        }
+    }
+
     fn write(&self, lsn: Lsn, file: FileId, offset: u64, len: u64) {
         for link in &self.links {
             link.lock().map.mark_write(lsn, file, offset, len);
@@ -629,5 +681,61 @@ mod tests {
         assert!(!hub.check_timeout(&hub.links[2]), "once");
         assert!(hub.links[2].lock().last_error.as_deref().is_some_and(|e| e.contains("--target-timeout")));
         assert_eq!(hub.all_acked_below(), Some(Lsn(10)));
+    }
+
+    /// Set mode over a real directory: a set taken at a swap is the tree as it was then,
+    /// though a write, a rename and a truncate come after the swap and before the sender.
+    #[test]
+    fn a_set_is_the_tree_at_its_swap_while_changes_go_on() {
+        use crate::os::tree::OsTree;
+        use crate::ship::set_link::SetLink;
+        use crate::ship::sets::Item;
+        let dir = tempfile::tempdir().unwrap();
+        let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+        let opened = recovery::create(SimStorage::new(), g, crate::sim::crash::new_superblock()).unwrap();
+        let ids = IdTable::from_snapshot(opened.ids.snapshot());
+        let core =
+            Arc::new(Core::new(opened.journal, OsTree::open(dir.path()).unwrap(), ids, CoreConfig::default()).unwrap());
+        let hub = Hub::new(core.journal.clone(), vec![("tcp://t:1".into(), Lsn(0), SyncMap::new_in_sync(Lsn(1)))]);
+        let sets = Arc::new(SetLink::new(Duration::from_secs(5), 1 << 20));
+        assert!(hub.links[0].sets.set(sets.clone()).is_ok());
+        hub.set_source(core.clone());
+        core.set_marks(hub.clone());
+        let new = NewNode { kind: NodeKind::File, mode: 0o644, uid: 0, gid: 0, rdev: 0, target: b"" };
+        let (id, _) = core.create(FileId::ROOT, b"f", &new).unwrap();
+        core.write_via_tree(id, 0, &[b'a'; 3 * 4096]).unwrap();
+
+        let mut set = None;
+        let held = core.swap(|| set = hub.swap_set(&hub.links[0]));
+        assert!(set.is_some(), "the changes so far make a set");
+        sets.record_hold(held);
+        core.write_via_tree(id, 4096, &[b'b'; 4096]).unwrap();
+        core.rename(FileId::ROOT, b"f", FileId::ROOT, b"g", 0).unwrap();
+        core.set_attr(id, &SetAttr { size: Some(4096), ..Default::default() }).unwrap();
+        assert_eq!(sets.bytes_aside(), 2 * 4096, "blocks 1 (written) and 2 (cut) were kept aside, block 0 not");
+
+        let src: Arc<dyn Source> = core.clone();
+        let mut blocks = std::collections::BTreeMap::new();
+        let (mut names, mut size) = (Vec::new(), None);
+        while let Some(item) = sets.next_item(src.as_ref(), None).unwrap() {
+            match item {
+                Item::Block { file, block, data } if file == id => drop(blocks.insert(block, data)),
+                Item::Entries { dir, entries } if dir == FileId::ROOT => {
+                    names = entries.into_iter().map(|(n, _)| n).collect()
+                }
+                Item::Node(n) if n.id == id.0 => size = Some(n.size),
+                _ => {}
+            }
+        }
+        assert_eq!(names, vec![b"f".to_vec()], "the root's names at the swap");
+        assert_eq!(size, Some(3 * 4096), "the file's size at the swap");
+        assert_eq!(blocks.len(), 3);
+        assert!(blocks.values().all(|d| d == &vec![b'a'; 4096]), "every block as it was at the swap");
+        hub.set_committed(&hub.links[0]).unwrap();
+        let map = &hub.links[0].lock().map;
+        assert!(
+            map.is_entries_dirty(FileId::ROOT) && map.is_attr_dirty(id),
+            "what changed after the swap waits for the next set"
+        );
     }
 }

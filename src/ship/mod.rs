@@ -4,6 +4,7 @@
 pub mod bunker;
 pub mod hub;
 pub mod session;
+pub mod set_link;
 pub mod sets;
 pub mod shipper;
 pub mod source;

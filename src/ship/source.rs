@@ -17,6 +17,11 @@ pub trait Source: Send + Sync {
     fn entries(&self, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>>;
     /// Reads from a regular file; returns how many bytes (0 at its end).
     fn read(&self, id: FileId, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// `entries` for a caller inside a namespace op (a before-change hook: the op holds the
+    /// namespace quiet already, and taking it again would deadlock).
+    fn entries_in_op(&self, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>> {
+        self.entries(dir)
+    }
 }
 
 /// The xattrs ferryfs keeps for itself; never replicated.
@@ -37,6 +42,10 @@ impl<S: Storage> Source for Core<S, OsTree> {
         let fd = ostree::reopen(&node, libc::O_RDONLY)?;
         let f = std::fs::File::from(fd);
         f.read_at(buf, offset)
+    }
+
+    fn entries_in_op(&self, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>> {
+        self.entries_now(dir)
     }
 }
 
