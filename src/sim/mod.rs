@@ -3,6 +3,9 @@
 
 pub mod crash;
 pub mod failover;
+pub mod listing;
+mod primary;
 pub mod replication;
 pub mod storage;
 pub mod tree;
+mod wire;
