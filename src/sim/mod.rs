@@ -6,6 +6,7 @@ pub mod failover;
 pub mod listing;
 mod primary;
 pub mod replication;
+pub mod seeds;
 pub mod storage;
 pub mod tree;
 mod wire;
