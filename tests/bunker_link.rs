@@ -6,15 +6,16 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use common::node::NodeProc;
 use common::target::status;
 use common::{Mount, ferryfs, is_fuse_mounted, pattern};
 use ferryfs::format::record::{Header, Kind};
@@ -261,9 +262,7 @@ fn a_dir_bunker_that_goes_away_degrades_fsync_after_the_timeout_and_loses_nothin
 /// A `ferryfs bunker` process on 127.0.0.1, a port of its choosing; killed on drop.
 struct BunkerProc {
     dir: PathBuf,
-    addr: String,
-    log: PathBuf,
-    child: Option<Child>,
+    node: NodeProc,
     _tmp: tempfile::TempDir,
 }
 
@@ -271,68 +270,18 @@ impl BunkerProc {
     fn start() -> BunkerProc {
         let (tmp, dir) = bunker_dir();
         let log = tmp.path().join("bunker.log");
-        let mut b = BunkerProc { dir, addr: "127.0.0.1:0".into(), log, child: None, _tmp: tmp };
-        b.spawn();
-        b
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn spawn(&mut self) {
-        let before = self.log().len();
-        let log = OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = ferryfs();
-        cmd.args(["bunker", "--listen", &self.addr, "--log-size", "24M", "--segment-size", "8M", "--dir"])
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: prctl in the child before exec; it only sets the death signal.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        self.child = Some(cmd.spawn().expect("spawn ferryfs bunker"));
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = self.log();
-            if let Some(at) = log[before..].find("listening on ") {
-                self.addr = log[before + at + "listening on ".len()..].split_whitespace().next().unwrap().to_string();
-                return;
-            }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("ferryfs bunker exited with {st}:\n{log}");
-            }
-            assert!(Instant::now() < until, "ferryfs bunker did not listen:\n{log}");
-            sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for BunkerProc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("---- bunker output ----\n{}---- end ----", self.log());
-        }
+        let after_listen = ["--log-size", "24M", "--segment-size", "8M", "--dir"].map(OsString::from);
+        let mut after_listen = after_listen.to_vec();
+        after_listen.push(dir.clone().into());
+        let node = NodeProc::start_with(log, vec!["bunker".into()], after_listen, Duration::from_secs(20));
+        BunkerProc { dir, node, _tmp: tmp }
     }
 }
 
 #[test]
 fn a_tcp_bunker_in_sync_mode_holds_every_record_and_catches_up_after_a_restart() {
     let mut bunker = BunkerProc::start();
-    let url = format!("tcp://{}", bunker.addr);
+    let url = bunker.node.url();
     let mut args = WHOLE.to_vec();
     args.extend(["--bunker", &url, "--bunker-timeout", "1s", "--commit-interval", "1h"]);
     let mut m = Mount::start_with(&args);
@@ -350,12 +299,12 @@ fn a_tcp_bunker_in_sync_mode_holds_every_record_and_catches_up_after_a_restart()
     seen.sample(&bunker.dir);
     seen.assert_holds(&m.journal, synced);
     // The bunker dies: fsync degrades after the timeout; it comes back and catches up.
-    bunker.kill();
+    bunker.node.kill9();
     let during = pattern(300, 30_000);
     let waited = write_synced(&m.mnt.join("during"), &during);
     assert!(waited < Duration::from_millis(3000), "fsync took {waited:?}");
     assert_eq!(bunker_of(&m)["degraded"], true);
-    bunker.spawn();
+    bunker.node.restart();
     eventually("sync mode restored", Duration::from_secs(15), || {
         let b = bunker_of(&m);
         b["mode"] == "sync" && b["state"] == "in-sync"

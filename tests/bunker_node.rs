@@ -7,15 +7,16 @@
 
 mod common;
 
-use std::fs::{self, OpenOptions};
+use std::ffi::OsString;
+use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::process::Output;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use common::ferryfs;
+use common::node::NodeProc;
 use ferryfs::format::superblock::Superblock;
 use ferryfs::journal::{Journal, JournalGeometry};
 use ferryfs::net::conn::{self, NetError, Reader, Writer};
@@ -38,9 +39,7 @@ const SMALL_LOG: [&str; 4] = ["--log-size", "8M", "--segment-size", "1M"];
 struct BunkerProc {
     dir: PathBuf,
     addr: SocketAddr,
-    args: Vec<String>,
-    child: Option<Child>,
-    log: PathBuf,
+    node: NodeProc,
     _tmp: TempDir,
 }
 
@@ -50,82 +49,29 @@ impl BunkerProc {
         let base = tmp.path().canonicalize().unwrap();
         let dir = base.join("dir");
         fs::create_dir(&dir).unwrap();
-        let mut b = BunkerProc {
-            dir,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            log: base.join("bunker.log"),
-            _tmp: tmp,
-        };
-        b.spawn();
-        b
+        let mut after_listen: Vec<OsString> = vec!["--dir".into(), dir.clone().into()];
+        after_listen.extend(args.iter().map(OsString::from));
+        let node = NodeProc::start_with(base.join("bunker.log"), vec!["bunker".into()], after_listen, WAIT);
+        BunkerProc { dir, addr: node.addr, node, _tmp: tmp }
     }
 
     fn log(&self) -> String {
-        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-    }
-
-    fn spawn(&mut self) {
-        let before = self.log().len();
-        let log = OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = ferryfs();
-        cmd.arg("bunker")
-            .arg("--listen")
-            .arg(self.addr.to_string())
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: prctl in the child before exec; it only sets the death signal.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        self.child = Some(cmd.spawn().expect("spawn ferryfs bunker"));
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let log = self.log();
-            if let Some(at) = log[before..].find("listening on ") {
-                let rest = &log[before + at + "listening on ".len()..];
-                self.addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-                return;
-            }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("ferryfs bunker exited with {st}:\n{log}");
-            }
-            assert!(Instant::now() < deadline, "ferryfs bunker did not listen:\n{log}");
-            sleep(Duration::from_millis(20));
-        }
+        self.node.log()
     }
 
     /// SIGKILL: no clean shutdown.
     fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.node.kill9();
     }
 
     /// Starts again on the same address and directory.
     fn restart(&mut self) {
-        assert!(self.child.is_none(), "restart: still running");
-        self.spawn();
+        self.node.restart();
     }
 
     /// SIGTERM; the exit status.
     fn stop(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        common::wait_timeout(&mut c, WAIT).unwrap_or_else(|| {
-            let _ = c.kill();
-            panic!("ferryfs bunker did not stop on SIGTERM:\n{}", self.log())
-        })
+        self.node.terminate(WAIT).unwrap_or_else(|| panic!("ferryfs bunker did not stop on SIGTERM:\n{}", self.log()))
     }
 
     /// `ferryfs status --journal DIR` (`--json` parsed, or the table).
@@ -151,15 +97,6 @@ impl BunkerProc {
             }
             assert!(Instant::now() < deadline, "status never got there: {st:#}\n{}", self.log());
             sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for BunkerProc {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("---- bunker output ({}) ----\n{}\n---- end ----", self.log.display(), self.log());
         }
     }
 }

@@ -3,21 +3,12 @@
 //! A failing seed prints the line that replays it exactly.
 
 use ferryfs::sim::crash::{CrashConfig, run_seed};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+use ferryfs::sim::seeds::{env_u64, seeds};
 
 #[test]
 fn fsynced_writes_survive_any_crash_and_replay_is_idempotent() {
     let cfg = CrashConfig::default();
-    let seeds: Vec<u64> = match std::env::var("FERRYFS_SEED") {
-        Ok(s) => vec![s.parse().expect("FERRYFS_SEED must be a number")],
-        Err(_) => {
-            let base = env_u64("FERRYFS_SIM_SEED_BASE", 0);
-            (base..base + env_u64("FERRYFS_SIM_SEEDS", 1000)).collect()
-        }
-    };
+    let seeds = seeds("FERRYFS_SIM_SEEDS", 1000);
     let (mut ops, mut syncs, mut crashes, mut records) = (0, 0, 0, 0);
     for &seed in &seeds {
         let result = std::panic::catch_unwind(|| run_seed(seed, &cfg));

@@ -20,10 +20,7 @@
 //! replays it exactly.
 
 use ferryfs::sim::failover::{FailoverConfig, FailoverStats, run_failover_seed};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+use ferryfs::sim::seeds::{env_u64, seeds};
 
 #[test]
 fn after_failover_the_target_holds_every_write_acknowledged_in_sync_mode() {
@@ -34,13 +31,7 @@ fn after_failover_the_target_holds_every_write_acknowledged_in_sync_mode() {
     let targets_max = env_u64("FERRYFS_SIM_TARGETS_MAX", defaults.targets_max as u64) as usize;
     let small = env_u64("FERRYFS_SIM_SMALL_TARGET_LOGS", defaults.small_target_log_permille as u64) as u32;
     let cfg = FailoverConfig { targets_max, small_target_log_permille: small, ..defaults };
-    let seeds: Vec<u64> = match std::env::var("FERRYFS_SEED") {
-        Ok(s) => vec![s.parse().expect("FERRYFS_SEED must be a number")],
-        Err(_) => {
-            let base = env_u64("FERRYFS_SIM_SEED_BASE", 0);
-            (base..base + env_u64("FERRYFS_SIM_FAILOVER_SEEDS", 50)).collect()
-        }
-    };
+    let seeds = seeds("FERRYFS_SIM_FAILOVER_SEEDS", 50);
     let keep_going = std::env::var_os("FERRYFS_SIM_KEEP_GOING").is_some();
     let mut total = FailoverStats::default();
     let mut failed = Vec::new();

@@ -5,10 +5,7 @@
 //! the line that replays it exactly.
 
 use ferryfs::sim::replication::{NetConfig, NetStats, run_net_seed};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+use ferryfs::sim::seeds::seeds;
 
 #[test]
 fn after_healing_the_target_equals_the_primary() {
@@ -16,13 +13,7 @@ fn after_healing_the_target_equals_the_primary() {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     let cfg = NetConfig::default();
-    let seeds: Vec<u64> = match std::env::var("FERRYFS_SEED") {
-        Ok(s) => vec![s.parse().expect("FERRYFS_SEED must be a number")],
-        Err(_) => {
-            let base = env_u64("FERRYFS_SIM_SEED_BASE", 0);
-            (base..base + env_u64("FERRYFS_SIM_NET_SEEDS", 100)).collect()
-        }
-    };
+    let seeds = seeds("FERRYFS_SIM_NET_SEEDS", 100);
     let mut total = NetStats::default();
     for &seed in &seeds {
         let result = std::panic::catch_unwind(|| run_net_seed(seed, &cfg));

@@ -18,17 +18,13 @@ use std::collections::BTreeMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::listing::Listing;
 use super::storage::SimStorage;
 use super::tree::SimTree;
-use crate::format::ops::{NodeKind, SetAttr};
 use crate::format::superblock::Superblock;
-use crate::io::NewNode;
 use crate::journal::replay::{self, IdMap};
 use crate::journal::{Journal, JournalGeometry, read_superblock, recovery};
-use crate::passthrough::{Core, CoreConfig, Errno, IdTable};
-use crate::types::FileId;
-
-type Listing = BTreeMap<String, (NodeKind, Vec<u8>)>;
+use crate::passthrough::{Core, CoreConfig, IdTable};
 
 #[derive(Clone, Copy, Debug)]
 pub struct CrashConfig {
@@ -66,8 +62,6 @@ pub struct SeedStats {
 pub fn new_superblock() -> Superblock {
     Superblock::new([0x5A; 16], 0, 0, b"sim".to_vec(), [1; 16])
 }
-
-const NAMES: [&[u8]; 6] = [b"a", b"b", b"c", b"d", b"e", b"f"];
 
 /// Runs one seed; `Err` says which invariant broke and where.
 pub fn run_seed(seed: u64, cfg: &CrashConfig) -> Result<SeedStats, String> {
@@ -288,61 +282,10 @@ fn show(l: &Listing) -> String {
     l.iter().map(|(p, (k, c))| format!("{p}:{k:?}:{}b", c.len())).collect::<Vec<_>>().join(" ")
 }
 
-/// One random operation through the write path; errors (ENOENT, EEXIST …) are part of the
-/// workload: the primary's tree is the truth either way.
+/// One random operation of the workload (`sim::primary::step`), counted in `stats`.
 pub(crate) fn step(core: &Core<SimStorage, SimTree>, rng: &mut ChaCha8Rng, stats: &mut SeedStats) {
     stats.ops += 1;
-    let dir = if rng.gen_ratio(1, 4) {
-        core.lookup(FileId::ROOT, b"sub").map(|(id, _)| id).unwrap_or(FileId::ROOT)
-    } else {
-        FileId::ROOT
-    };
-    let name = NAMES[rng.gen_range(0..NAMES.len())];
-    let _: Result<(), Errno> = (|| {
-        match rng.gen_range(0..100) {
-            0..=14 => {
-                let new = NewNode { kind: NodeKind::File, mode: 0o644, uid: 0, gid: 0, rdev: 0, target: b"" };
-                core.create(dir, name, &new)?;
-            }
-            15..=17 => {
-                let new = NewNode { kind: NodeKind::Dir, mode: 0o755, uid: 0, gid: 0, rdev: 0, target: b"" };
-                core.create(FileId::ROOT, b"sub", &new)?;
-            }
-            18..=19 => {
-                let new = NewNode { kind: NodeKind::Symlink, mode: 0o777, uid: 0, gid: 0, rdev: 0, target: b"a" };
-                core.create(dir, name, &new)?;
-            }
-            20..=59 => {
-                let (id, _) = core.lookup(dir, name)?;
-                let len = rng.gen_range(1..6000);
-                let offset = rng.gen_range(0..20_000);
-                let byte: u8 = rng.r#gen();
-                let data: Vec<u8> = (0..len).map(|i| byte.wrapping_add(i as u8)).collect();
-                core.write_via_tree(id, offset, &data)?;
-            }
-            60..=67 => {
-                let (id, _) = core.lookup(dir, name)?;
-                core.set_attr(id, &SetAttr { size: Some(rng.gen_range(0..12_000)), ..Default::default() })?;
-            }
-            68..=79 => {
-                let to = NAMES[rng.gen_range(0..NAMES.len())];
-                let flags = [0, 0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE][rng.gen_range(0..4)];
-                core.rename(dir, name, FileId::ROOT, to, flags)?;
-            }
-            80..=89 => {
-                core.unlink(dir, name, false)?;
-            }
-            90..=94 => {
-                let (id, _) = core.lookup(dir, name)?;
-                let to = NAMES[rng.gen_range(0..NAMES.len())];
-                core.link(id, FileId::ROOT, to)?;
-            }
-            _ => {
-                core.unlink(FileId::ROOT, b"sub", true)?;
-            }
-        }
-        Ok(())
-    })();
+    super::primary::step(core, rng);
 }
 
 /// Prints the log past the checkpoint (FERRYFS_SIM_TRACE=1), to read a failing seed.

@@ -3,6 +3,10 @@
 
 pub mod crash;
 pub mod failover;
+pub mod listing;
+mod primary;
 pub mod replication;
+pub mod seeds;
 pub mod storage;
 pub mod tree;
+mod wire;

@@ -18,7 +18,6 @@
 //! network heals, the target's directory equals the primary's backing tree.
 
 use std::collections::VecDeque;
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,21 +26,19 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::crash::{SeedStats, new_superblock, step};
+use super::listing::{listing_diff, visible};
 use super::storage::SimStorage;
-use super::tree::{SimNode, SimTree};
-use crate::format::ops::NodeKind;
-use crate::io::Tree;
+use super::tree::SimTree;
+use super::wire::{FaultDraws, Wire};
 use crate::journal::{JournalGeometry, recovery};
 use crate::passthrough::{Core, CoreConfig, IdTable};
-use crate::proto::wire::control::NodeDesc;
-use crate::proto::wire::{Frame, FrameDecoder, FrameEncoder};
+use crate::proto::wire::Frame;
 use crate::replica::target::{FrameHandler, TargetCore, TargetPosition};
 use crate::ship::hub::Hub;
 use crate::ship::session::{Connector, Event, Session, event_of};
 use crate::ship::shipper::{Shipper, Timing};
-use crate::ship::source::Source;
 use crate::syncmap::SyncMap;
-use crate::types::{FileId, Lsn};
+use crate::types::Lsn;
 
 type Primary = Core<SimStorage, SimTree>;
 type Target = TargetCore<SimStorage, SimTree>;
@@ -117,6 +114,11 @@ impl World {
         !self.healed() && self.rng.gen_range(0..1000) < p
     }
 
+    /// What the network's faults (`sim::wire`) draw from this tick: none once healed.
+    fn fault_draws(&mut self) -> FaultDraws<'_> {
+        FaultDraws { faults_on: !self.healed(), rng: &mut self.rng, tick: self.tick }
+    }
+
     fn target(&mut self) -> Result<Arc<Target>, String> {
         if let Some(t) = &self.target {
             return Ok(t.clone());
@@ -182,11 +184,7 @@ impl World {
         if p.applied_next < self.primary.journal.next_lsn().0 {
             return false;
         }
-        let mut want = self.primary.tree.listing();
-        let mut have = self.target_tree.listing();
-        want.retain(|k, _| !k.starts_with("/.ferryfs"));
-        have.retain(|k, _| !k.starts_with("/.ferryfs"));
-        want == have
+        visible(self.primary.tree.listing()) == visible(self.target_tree.listing())
     }
 
     fn crash_target(&mut self) {
@@ -213,16 +211,10 @@ impl Connector for SimConnector {
         let mut s = SimSession {
             world: self.0.clone(),
             position,
-            to_target: VecDeque::new(),
-            to_primary: VecDeque::new(),
-            enc_p: FrameEncoder::new(),
-            dec_t: FrameDecoder::new(),
-            enc_t: FrameEncoder::new(),
-            dec_p: FrameDecoder::new(),
+            wire: Wire::new(),
             handler: FrameHandler::new(),
             events: VecDeque::new(),
             broken: None,
-            silence_deadline: None,
         };
         // The target speaks first after the handshake: its status, as over TCP.
         s.queue_to_primary(&Frame::Control(t.status_msg()));
@@ -237,32 +229,22 @@ impl Connector for SimConnector {
 struct SimSession {
     world: Arc<Mutex<World>>,
     position: TargetPosition,
-    to_target: VecDeque<u8>,
-    to_primary: VecDeque<u8>,
-    enc_p: FrameEncoder,
-    dec_t: FrameDecoder,
-    enc_t: FrameEncoder,
-    dec_p: FrameDecoder,
+    /// The bytes each way: the primary's frames to the target, the target's replies.
+    wire: Wire,
     handler: FrameHandler,
     events: VecDeque<Event>,
     broken: Option<String>,
-    /// Set when bytes were damaged: by this tick the connection is gone, found by the decoder
-    /// or, if no frame follows the damage, by the silence timeout.
-    silence_deadline: Option<u64>,
 }
 
 impl SimSession {
     fn queue_to_primary(&mut self, f: &Frame) {
-        let mut out = Vec::new();
-        self.enc_t.encode(f, &mut out).expect("encoding a reply");
-        self.to_primary.extend(out);
+        self.wire.to_primary.send(f).expect("encoding a reply");
     }
 
     /// Moves the first frame the primary receives (status), fault-free.
     fn pump_until_frame(&mut self) -> Option<Frame> {
-        let bytes: Vec<u8> = self.to_primary.drain(..).collect();
-        self.dec_p.push(&bytes);
-        self.dec_p.next_frame().ok().flatten()
+        self.wire.to_primary.deliver_all();
+        self.wire.to_primary.receive().ok().flatten()
     }
 
     /// One tick of the network: part of the bytes in flight each way, with faults.
@@ -284,24 +266,19 @@ impl SimSession {
             self.break_with("the target crashed", &mut w);
             return;
         }
-        if fault_bytes(&mut w, &mut self.to_target) | fault_bytes(&mut w, &mut self.to_primary) {
-            let later = w.rng.gen_range(1..50);
-            self.silence_deadline.get_or_insert(w.tick + later);
-        }
-        if self.silence_deadline.is_some_and(|t| w.tick >= t) {
+        let (drop_p, dup_p) = (w.cfg.drop_permille, w.cfg.dup_permille);
+        if self.wire.damage(w.fault_draws(), drop_p, dup_p) {
             self.break_with("silence after damaged bytes (the timeout)", &mut w);
             return;
         }
-        let n = w.rng.gen_range(0..=self.to_target.len());
-        let chunk: Vec<u8> = self.to_target.drain(..n).collect();
+        self.wire.to_peer.deliver_some(&mut w.rng);
         let Some(target) = w.target.clone() else {
             self.break_with("no target", &mut w);
             return;
         };
         drop(w);
-        self.dec_t.push(&chunk);
         loop {
-            match self.dec_t.next_frame() {
+            match self.wire.to_peer.receive() {
                 Ok(Some(f)) => match self.handler.handle(&target, f) {
                     Ok(replies) => replies.iter().for_each(|r| self.queue_to_primary(r)),
                     Err(e) => return self.break_now(format!("target refused a frame: {e}")),
@@ -310,15 +287,9 @@ impl SimSession {
                 Err(e) => return self.break_now(format!("target: bad frame: {e}")),
             }
         }
-        let n = {
-            let mut w = self.world.lock().unwrap();
-            let len = self.to_primary.len();
-            w.rng.gen_range(0..=len)
-        };
-        let chunk: Vec<u8> = self.to_primary.drain(..n).collect();
-        self.dec_p.push(&chunk);
+        self.wire.to_primary.deliver_some(&mut self.world.lock().unwrap().rng);
         loop {
-            match self.dec_p.next_frame() {
+            match self.wire.to_primary.receive() {
                 Ok(Some(f)) => self.events.extend(event_of(f)),
                 Ok(None) => break,
                 Err(e) => return self.break_now(format!("primary: bad frame: {e}")),
@@ -337,55 +308,6 @@ impl SimSession {
     }
 }
 
-/// What differs between two listings, briefly.
-fn listing_diff(
-    want: &std::collections::BTreeMap<String, (NodeKind, Vec<u8>)>,
-    have: &std::collections::BTreeMap<String, (NodeKind, Vec<u8>)>,
-) -> String {
-    let mut out = Vec::new();
-    for (k, (kind, data)) in want {
-        match have.get(k) {
-            None => out.push(format!("{k}: missing")),
-            Some((hk, hd)) if hk != kind || hd != data => {
-                let at = data.iter().zip(hd).position(|(a, b)| a != b);
-                out.push(format!(
-                    "{k}: {kind:?} {} bytes vs {hk:?} {} bytes, first difference at {at:?}",
-                    data.len(),
-                    hd.len()
-                ))
-            }
-            _ => {}
-        }
-    }
-    out.extend(have.keys().filter(|k| !want.contains_key(*k)).map(|k| format!("{k}: extra")));
-    out.join("; ")
-}
-
-/// Drops or duplicates a random run of the bytes in flight; returns whether it did. A damaged
-/// stream is found by the receiver's decoder at its next frame; if no frame follows, the
-/// silence timeout ends the connection (the caller models that).
-fn fault_bytes(w: &mut World, q: &mut VecDeque<u8>) -> bool {
-    if q.is_empty() {
-        return false;
-    }
-    let before = q.len();
-    let (drop_p, dup_p) = (w.cfg.drop_permille, w.cfg.dup_permille);
-    if w.permille(drop_p) {
-        let at = w.rng.gen_range(0..q.len());
-        let n = w.rng.gen_range(1..=(q.len() - at).min(64));
-        q.drain(at..at + n);
-    }
-    if !q.is_empty() && w.permille(dup_p) {
-        let at = w.rng.gen_range(0..q.len());
-        let n = w.rng.gen_range(1..=(q.len() - at).min(64));
-        let dup: Vec<u8> = q.range(at..at + n).copied().collect();
-        for (i, b) in dup.into_iter().enumerate() {
-            q.insert(at + n + i, b);
-        }
-    }
-    q.len() != before
-}
-
 impl Session for SimSession {
     fn position(&self) -> TargetPosition {
         self.position
@@ -395,12 +317,10 @@ impl Session for SimSession {
         if let Some(why) = &self.broken {
             return Err(why.clone());
         }
-        let mut out = Vec::new();
-        self.enc_p.encode(frame, &mut out).map_err(|e| e.to_string())?;
+        self.wire.to_peer.send(frame)?;
         if let Frame::Control(c) = frame {
             tracing::trace!("sim send {c:?}");
         }
-        self.to_target.extend(out);
         self.tick_net();
         Ok(())
     }
@@ -419,62 +339,6 @@ impl Session for SimSession {
         self.tick_net();
         self.events.pop_front()
     }
-}
-
-impl Source for Primary {
-    fn describe(&self, id: FileId) -> io::Result<NodeDesc> {
-        let node = self.node(id).map_err(|e| io::Error::from_raw_os_error(e.0))?;
-        describe(&self.tree, id, &node)
-    }
-
-    fn entries(&self, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>> {
-        self.with_namespace_quiet(|| sim_entries(self, dir))
-    }
-
-    fn read(&self, id: FileId, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let node = self.node(id).map_err(|e| io::Error::from_raw_os_error(e.0))?;
-        let inode = self.tree.inode(&node).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-        let start = (offset as usize).min(inode.data.len());
-        let n = buf.len().min(inode.data.len() - start);
-        buf[..n].copy_from_slice(&inode.data[start..start + n]);
-        Ok(n)
-    }
-}
-
-/// A directory's listing, the caller holding the namespace quiet (see `Source::entries`).
-fn sim_entries(core: &Primary, dir: FileId) -> io::Result<Vec<(Vec<u8>, NodeDesc)>> {
-    let d = core.node(dir).map_err(|e| io::Error::from_raw_os_error(e.0))?;
-    let mut out = Vec::new();
-    for name in core.tree.read_dir(&d)? {
-        let child = core.tree.lookup(&d, &name)?;
-        let id = core.peek_id(&d, &name).map_err(|e| io::Error::from_raw_os_error(e.0))?;
-        let mut desc = describe(&core.tree, id, &child)?;
-        desc.xattrs.clear();
-        out.push((name, desc));
-    }
-    Ok(out)
-}
-
-fn describe(tree: &SimTree, id: FileId, node: &SimNode) -> io::Result<NodeDesc> {
-    let i = tree.inode(node).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-    Ok(NodeDesc {
-        id: id.0,
-        kind: i.kind as u8,
-        mode: i.mode,
-        uid: i.uid,
-        gid: i.gid,
-        rdev: 0,
-        size: if i.kind == NodeKind::File { i.data.len() as u64 } else { 0 },
-        atime: (0, 0),
-        mtime: (0, 0),
-        target: i.target.clone(),
-        xattrs: i
-            .xattrs
-            .iter()
-            .filter(|(k, _)| !crate::io::is_private_xattr(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    })
 }
 
 /// Runs one seed: workload and faults for `fault_ticks`, then heal and require convergence.

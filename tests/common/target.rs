@@ -2,27 +2,28 @@
 //! that says what differs, and waiting for a mount's targets to converge.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::ffi::OsString;
+use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 use super::ferryfs;
+use super::node::NodeProc;
+
+/// How long a start waits for the target to listen.
+const LISTEN_WITHIN: Duration = Duration::from_secs(20);
 
 /// A `ferryfs target` child process with its own `--dir` and `--state`.
 pub struct TargetProc {
     pub dir: PathBuf,
     pub state: PathBuf,
     pub addr: SocketAddr,
-    args: Vec<String>,
-    child: Option<Child>,
-    log: PathBuf,
+    node: NodeProc,
     _tmp: TempDir,
 }
 
@@ -35,102 +36,34 @@ impl TargetProc {
         let (dir, state) = (base.join("dir"), base.join("state"));
         fs::create_dir(&dir).unwrap();
         fs::create_dir(&state).unwrap();
-        let mut t = TargetProc {
-            dir,
-            state,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            log: base.join("target.log"),
-            _tmp: tmp,
-        };
-        t.spawn();
-        t
+        let mut after_listen: Vec<OsString> =
+            vec!["--dir".into(), dir.clone().into(), "--state".into(), state.clone().into()];
+        after_listen.extend(args.iter().map(OsString::from));
+        let node = NodeProc::start_with(base.join("target.log"), vec!["target".into()], after_listen, LISTEN_WITHIN);
+        TargetProc { dir, state, addr: node.addr, node, _tmp: tmp }
     }
 
     pub fn url(&self) -> String {
-        format!("tcp://{}", self.addr)
+        self.node.url()
     }
 
     pub fn log(&self) -> String {
-        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-    }
-
-    fn spawn(&mut self) {
-        let before = self.log().len();
-        let log = OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = ferryfs();
-        cmd.arg("target")
-            .arg("--listen")
-            .arg(self.addr.to_string())
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--state")
-            .arg(&self.state)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: prctl in the child before exec; it only sets the death signal.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        self.child = Some(cmd.spawn().expect("spawn ferryfs target"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = self.log();
-            if let Some(addr) = super::listening_on(&log[before..]) {
-                self.addr = addr;
-                return;
-            }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("ferryfs target exited with {st}:\n{log}");
-            }
-            assert!(Instant::now() < deadline, "ferryfs target did not listen:\n{log}");
-            sleep(Duration::from_millis(20));
-        }
+        self.node.log()
     }
 
     /// SIGKILL, no clean shutdown.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.node.kill9();
     }
 
     /// Starts again on the same address and directories.
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "restart: still running");
-        self.spawn();
+        self.node.restart();
     }
 
     /// SIGTERM and wait (bounded).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: sending a signal to our own child.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while c.try_wait().unwrap().is_none() && Instant::now() < deadline {
-                sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for TargetProc {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("---- target output ({}) ----\n{}\n---- end ----", self.log.display(), self.log());
-        }
+        self.node.stop();
     }
 }
 

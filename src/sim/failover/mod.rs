@@ -100,8 +100,8 @@
 //! **Layout.** This file: the knobs (`FailoverConfig`), the counters (`FailoverStats`) and the
 //! run of one seed (`run_failover_seed`: the wiring of the primary, the link, the shippers and
 //! their threads). `world`: the nodes, their faults and the turn-taking (`World`, `Sim`); `net`:
-//! the simulated connections to the bunker and the targets; `primary`: the primary's tree and
-//! workload; `model`: what the primary did and the invariant checks; `runs`: the failover runs
+//! the simulated connections to the bunker and the targets; `primary`: the primary's tree (the
+//! workload and the resync source over it are `sim::primary`'s); `model`: what the primary did and the invariant checks; `runs`: the failover runs
 //! and what follows the primary's crash.
 
 mod model;
@@ -110,7 +110,6 @@ mod primary;
 mod runs;
 mod world;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -118,7 +117,6 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::format::ops::NodeKind;
 use crate::journal::{AllRetentions, JournalGeometry, Retention, recovery};
 use crate::passthrough::{Core, CoreConfig, IdTable};
 use crate::replica::bunker::BunkerCore;
@@ -127,11 +125,12 @@ use crate::ship::bunker::{BunkerConfig, BunkerLink, Hooks, Mode, Timing as LinkT
 use crate::ship::hub::Hub;
 use crate::ship::shipper::{Shipper, Timing};
 use crate::sim::crash::new_superblock;
+use crate::sim::listing::{Listing, visible};
 use crate::sim::storage::SimStorage;
 use crate::sim::tree::SimTree;
 use crate::syncmap::SyncMap;
 use crate::types::Lsn;
-use model::{Model, visible};
+use model::Model;
 use net::{SimBunkerConnector, SimTargetConnector};
 use primary::TurnTree;
 use world::{BunkerNode, Sim, TargetNode, Turn, World};
@@ -140,7 +139,6 @@ type Primary = Core<SimStorage, TurnTree>;
 type Target = TargetCore<SimStorage, SimTree>;
 type Bunker = BunkerCore<SimStorage>;
 type Link = BunkerLink<SimStorage>;
-type Listing = BTreeMap<String, (NodeKind, Vec<u8>)>;
 
 /// A wall-clock bound on waiting for the other thread's turn: only a broken simulation (a turn
 /// never handed back) reaches it.

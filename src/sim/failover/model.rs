@@ -5,12 +5,13 @@
 
 use std::sync::atomic::Ordering;
 
+use super::Primary;
 use super::runs::CatchUp;
 use super::world::{Sim, World};
-use super::{Listing, Primary};
 use crate::journal::LogCursor;
 use crate::proto::wire::split_records;
 use crate::replica::catchup::{Action, BlocksWhy};
+use crate::sim::listing::{Listing, listing_diff, visible};
 use crate::syncmap::Mode as MapMode;
 
 /// What the primary did, kept outside the code under test.
@@ -259,31 +260,4 @@ impl Sim {
             }
         }
     }
-}
-
-/// The tree as compared: the target's own stash excluded.
-pub(super) fn visible(mut l: Listing) -> Listing {
-    l.retain(|k, _| !k.starts_with("/.ferryfs"));
-    l
-}
-
-/// What differs between two listings, briefly.
-pub(super) fn listing_diff(want: &Listing, have: &Listing) -> String {
-    let mut out = Vec::new();
-    for (k, (kind, data)) in want {
-        match have.get(k) {
-            None => out.push(format!("{k}: missing")),
-            Some((hk, hd)) if hk != kind || hd != data => {
-                let at = data.iter().zip(hd).position(|(a, b)| a != b);
-                out.push(format!(
-                    "{k}: {kind:?} {} bytes vs {hk:?} {} bytes, first difference at {at:?}",
-                    data.len(),
-                    hd.len()
-                ))
-            }
-            _ => {}
-        }
-    }
-    out.extend(have.keys().filter(|k| !want.contains_key(*k)).map(|k| format!("{k}: extra")));
-    out.join("; ")
 }

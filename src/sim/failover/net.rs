@@ -11,11 +11,12 @@ use rand::Rng;
 
 use super::Bunker;
 use super::world::{Sim, World};
+use crate::proto::wire::Frame;
 use crate::proto::wire::control::ControlMsg;
-use crate::proto::wire::{Frame, FrameDecoder, FrameEncoder};
 use crate::replica::target::{FrameHandler, TargetPosition};
 use crate::ship::bunker::{BunkerConnector, BunkerEvent, BunkerPosition, BunkerSession, LinkError, Waker};
 use crate::ship::session::{Connector, Event, Session, event_of};
+use crate::sim::wire::Wire;
 use crate::types::Lsn;
 
 // ----- the bunker's network --------------------------------------------------------------
@@ -46,15 +47,9 @@ impl BunkerConnector for SimBunkerConnector {
             generation,
             epoch: self.epoch,
             position: BunkerPosition { epoch: 0, start_lsn: Lsn(0), next_lsn: Lsn(0), durable_next: Lsn(0) },
-            to_bunker: VecDeque::new(),
-            to_primary: VecDeque::new(),
-            enc_p: FrameEncoder::new(),
-            dec_b: FrameDecoder::new(),
-            enc_b: FrameEncoder::new(),
-            dec_p: FrameDecoder::new(),
+            wire: Wire::new(),
             events: VecDeque::new(),
             broken: None,
-            silence_deadline: None,
         };
         s.position = s.greeting(&core)?;
         Ok(Box::new(s))
@@ -68,27 +63,21 @@ struct SimBunkerSession {
     /// The primary's epoch, as its hello says.
     epoch: u64,
     position: BunkerPosition,
-    to_bunker: VecDeque<u8>,
-    to_primary: VecDeque<u8>,
-    enc_p: FrameEncoder,
-    dec_b: FrameDecoder,
-    enc_b: FrameEncoder,
-    dec_p: FrameDecoder,
+    /// The bytes each way: the primary's frames to the bunker, the bunker's replies.
+    wire: Wire,
     events: VecDeque<BunkerEvent>,
     broken: Option<String>,
-    silence_deadline: Option<u64>,
 }
 
 impl SimBunkerSession {
     /// The bunker's first two frames (`Status`, `LogInfo`) through the codecs, fault-free, read
     /// as `TcpBunkerConnector` reads them.
     fn greeting(&mut self, core: &Bunker) -> Result<BunkerPosition, LinkError> {
-        let mut bytes = Vec::new();
         for m in [core.status_msg(), core.log_info(true)] {
-            self.enc_b.encode(&Frame::Control(m), &mut bytes).map_err(|e| LinkError::Failed(e.to_string()))?;
+            self.wire.to_primary.send(&Frame::Control(m)).map_err(LinkError::Failed)?;
         }
-        self.dec_p.push(&bytes);
-        let mut next = || self.dec_p.next_frame().ok().flatten();
+        self.wire.to_primary.deliver_all();
+        let mut next = || self.wire.to_primary.receive().ok().flatten();
         let durable_lsn = match next() {
             Some(Frame::Control(ControlMsg::Status { durable_lsn, .. })) => durable_lsn,
             f => return Err(LinkError::Failed(format!("the bunker began with {f:?} instead of its status"))),
@@ -108,10 +97,7 @@ impl SimBunkerSession {
         if let Some(why) = &self.broken {
             return Err(why.clone());
         }
-        let mut out = Vec::new();
-        self.enc_p.encode(f, &mut out).map_err(|e| e.to_string())?;
-        self.to_bunker.extend(out);
-        Ok(())
+        self.wire.to_peer.send(f)
     }
 
     /// A turn of the link and one tick of this connection.
@@ -138,27 +124,17 @@ impl SimBunkerSession {
             return self.break_with(w, "the connection to the bunker broke (a cut or its crash)");
         }
         let (d, u) = (w.cfg.bunker_drop_permille, w.cfg.bunker_dup_permille);
-        if fault_bytes(w, &mut self.to_bunker, d, u) | fault_bytes(w, &mut self.to_primary, d, u) {
-            let later = w.rng.gen_range(1..50);
-            self.silence_deadline.get_or_insert(w.tick + later);
-        }
-        if self.silence_deadline.is_some_and(|t| w.tick >= t) {
+        if self.wire.damage(w.fault_draws(), d, u) {
             return self.break_with(w, "silence after damaged bytes (the timeout)");
         }
         let Some(core) = w.bunker.core.clone() else {
             return self.break_with(w, "the bunker is gone");
         };
-        let n = w.rng.gen_range(0..=self.to_bunker.len());
-        let chunk: Vec<u8> = self.to_bunker.drain(..n).collect();
-        self.dec_b.push(&chunk);
+        self.wire.to_peer.deliver_some(&mut w.rng);
         loop {
-            match self.dec_b.next_frame() {
+            match self.wire.to_peer.receive() {
                 Ok(Some(f)) => match bunker_frame(&core, self.epoch, f) {
-                    Ok(Some(reply)) => {
-                        let mut out = Vec::new();
-                        self.enc_b.encode(&reply, &mut out).expect("encoding a reply");
-                        self.to_primary.extend(out);
-                    }
+                    Ok(Some(reply)) => self.wire.to_primary.send(&reply).expect("encoding a reply"),
                     Ok(None) => {}
                     Err(e) => return self.break_with(w, &format!("the bunker closed the connection: {e}")),
                 },
@@ -166,11 +142,9 @@ impl SimBunkerSession {
                 Err(e) => return self.break_with(w, &format!("the bunker: bad frame: {e}")),
             }
         }
-        let n = w.rng.gen_range(0..=self.to_primary.len());
-        let chunk: Vec<u8> = self.to_primary.drain(..n).collect();
-        self.dec_p.push(&chunk);
+        self.wire.to_primary.deliver_some(&mut w.rng);
         loop {
-            match self.dec_p.next_frame() {
+            match self.wire.to_primary.receive() {
                 Ok(Some(f)) => {
                     if let Some(ev) = bunker_event(f) {
                         self.events.push_back(ev);
@@ -317,22 +291,15 @@ impl Connector for SimTargetConnector {
             i,
             generation,
             position: t.position(),
-            to_target: VecDeque::new(),
-            to_primary: VecDeque::new(),
-            enc_p: FrameEncoder::new(),
-            dec_t: FrameDecoder::new(),
-            enc_t: FrameEncoder::new(),
-            dec_p: FrameDecoder::new(),
+            wire: Wire::new(),
             handler: FrameHandler::new(),
             events: VecDeque::new(),
             broken: None,
-            silence_deadline: None,
         };
         // The target speaks first after the handshake: its status, as over TCP.
-        let mut out = Vec::new();
-        s.enc_t.encode(&Frame::Control(t.status_msg()), &mut out).map_err(|e| e.to_string())?;
-        s.dec_p.push(&out);
-        match s.dec_p.next_frame() {
+        s.wire.to_primary.send(&Frame::Control(t.status_msg()))?;
+        s.wire.to_primary.deliver_all();
+        match s.wire.to_primary.receive() {
             Ok(Some(Frame::Control(ControlMsg::Status { .. }))) => Ok(Box::new(s)),
             f => Err(format!("the target began with {f:?} instead of its status")),
         }
@@ -345,16 +312,11 @@ struct SimTargetSession {
     i: usize,
     generation: u64,
     position: TargetPosition,
-    to_target: VecDeque<u8>,
-    to_primary: VecDeque<u8>,
-    enc_p: FrameEncoder,
-    dec_t: FrameDecoder,
-    enc_t: FrameEncoder,
-    dec_p: FrameDecoder,
+    /// The bytes each way: the shipper's frames to the target, the target's replies.
+    wire: Wire,
     handler: FrameHandler,
     events: VecDeque<Event>,
     broken: Option<String>,
-    silence_deadline: Option<u64>,
 }
 
 impl SimTargetSession {
@@ -396,11 +358,7 @@ impl SimTargetSession {
             return self.break_with(&mut w, "the target crashed");
         }
         let (d, u) = (w.cfg.target_drop_permille, w.cfg.target_dup_permille);
-        if fault_bytes(&mut w, &mut self.to_target, d, u) | fault_bytes(&mut w, &mut self.to_primary, d, u) {
-            let later = w.rng.gen_range(1..50);
-            self.silence_deadline.get_or_insert(w.tick + later);
-        }
-        if self.silence_deadline.is_some_and(|t| w.tick >= t) {
+        if self.wire.damage(w.fault_draws(), d, u) {
             return self.break_with(&mut w, "silence after damaged bytes (the timeout)");
         }
         let moves = w.cfg.target_move_permille;
@@ -410,11 +368,9 @@ impl SimTargetSession {
         let Some(target) = w.targets[i].core.clone() else {
             return self.break_with(&mut w, "the target is gone");
         };
-        let n = w.rng.gen_range(0..=self.to_target.len());
-        let chunk: Vec<u8> = self.to_target.drain(..n).collect();
-        self.dec_t.push(&chunk);
+        self.wire.to_peer.deliver_some(&mut w.rng);
         loop {
-            match self.dec_t.next_frame() {
+            match self.wire.to_peer.receive() {
                 Ok(Some(f)) => {
                     let resync_end = matches!(f, Frame::Control(ControlMsg::ResyncEnd { .. }));
                     let replies = match self.handler.handle(&target, f) {
@@ -427,20 +383,16 @@ impl SimTargetSession {
                         t.restarted_at = t.restarted_at.max(target.journal().superblock().start_lsn.0);
                     }
                     for r in &replies {
-                        let mut out = Vec::new();
-                        self.enc_t.encode(r, &mut out).expect("encoding a reply");
-                        self.to_primary.extend(out);
+                        self.wire.to_primary.send(r).expect("encoding a reply");
                     }
                 }
                 Ok(None) => break,
                 Err(e) => return self.break_with(&mut w, &format!("the target: bad frame: {e}")),
             }
         }
-        let n = w.rng.gen_range(0..=self.to_primary.len());
-        let chunk: Vec<u8> = self.to_primary.drain(..n).collect();
-        self.dec_p.push(&chunk);
+        self.wire.to_primary.deliver_some(&mut w.rng);
         loop {
-            match self.dec_p.next_frame() {
+            match self.wire.to_primary.receive() {
                 Ok(Some(f)) => self.events.extend(event_of(f)),
                 Ok(None) => break,
                 Err(e) => return self.break_with(&mut w, &format!("the primary: bad frame from the target: {e}")),
@@ -465,9 +417,7 @@ impl Session for SimTargetSession {
                 w.note_watermark(*all_acked_lsn);
             }
         }
-        let mut out = Vec::new();
-        self.enc_p.encode(frame, &mut out).map_err(|e| e.to_string())?;
-        self.to_target.extend(out);
+        self.wire.to_peer.send(frame)?;
         self.tick_net();
         Ok(())
     }
@@ -486,26 +436,4 @@ impl Session for SimTargetSession {
         self.tick_net();
         self.events.pop_front()
     }
-}
-
-/// Drops or duplicates a random run of the bytes in flight; returns whether it did.
-fn fault_bytes(w: &mut World, q: &mut VecDeque<u8>, drop_permille: u32, dup_permille: u32) -> bool {
-    if q.is_empty() {
-        return false;
-    }
-    let before = q.len();
-    if w.permille(drop_permille) {
-        let at = w.rng.gen_range(0..q.len());
-        let n = w.rng.gen_range(1..=(q.len() - at).min(64));
-        q.drain(at..at + n);
-    }
-    if !q.is_empty() && w.permille(dup_permille) {
-        let at = w.rng.gen_range(0..q.len());
-        let n = w.rng.gen_range(1..=(q.len() - at).min(64));
-        let dup: Vec<u8> = q.range(at..at + n).copied().collect();
-        for (i, b) in dup.into_iter().enumerate() {
-            q.insert(at + n + i, b);
-        }
-    }
-    q.len() != before
 }

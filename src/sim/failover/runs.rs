@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use rand::Rng;
 
-use super::model::{Model, listing_diff, visible};
+use super::model::Model;
 use super::world::{Sim, World};
 use super::{Bunker, Listing, Target};
 use crate::proto::wire::Frame;
@@ -17,6 +17,7 @@ use crate::proto::wire::control::ControlMsg;
 use crate::replica::catchup::{self, Action, Peer};
 use crate::replica::failover::{IncompleteScan, LogView, Overrides, Plan, plan};
 use crate::replica::target::FrameHandler;
+use crate::sim::listing::{listing_diff, visible};
 use crate::types::Lsn;
 
 /// Where a node's log stands, as the command reads its `LogInfo`.

@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::model::{Model, listing_diff, visible};
-use super::primary::step;
+use super::model::Model;
 use super::{Bunker, FailoverConfig, FailoverStats, Link, Primary, TURN_WAIT_MAX, Target};
 use crate::io::Storage;
 use crate::replica::bunker::BunkerCore;
 use crate::ship::hub::Hub;
+use crate::sim::listing::{listing_diff, visible};
+use crate::sim::primary::step;
 use crate::sim::storage::SimStorage;
 use crate::sim::tree::SimTree;
+use crate::sim::wire::FaultDraws;
 use crate::syncmap::Mode as MapMode;
 use crate::types::Lsn;
 
@@ -120,6 +122,11 @@ pub(super) struct World {
 impl World {
     pub(super) fn permille(&mut self, p: u32) -> bool {
         self.rng.gen_range(0..1000) < p
+    }
+
+    /// What the networks' faults (`sim::wire`) draw from this tick.
+    pub(super) fn fault_draws(&mut self) -> FaultDraws<'_> {
+        FaultDraws { rng: &mut self.rng, tick: self.tick, faults_on: true }
     }
 
     pub(super) fn fail(&mut self, why: String) {
