@@ -6,6 +6,7 @@ mod apply_tests;
 pub mod blocks;
 pub mod bunker;
 pub mod catchup;
+pub mod copies;
 pub mod failover;
 pub mod target;
 #[cfg(test)]
