@@ -48,6 +48,12 @@ pub fn parse_bunker(s: &str) -> Result<TargetUrl> {
 /// `tcp://HOST:PORT` or an existing directory; errors name `flag`.
 fn parse_url(flag: &str, s: &str) -> Result<TargetUrl> {
     if let Some(rest) = s.strip_prefix("tcp://") {
+        if let Some((_, options)) = rest.split_once('?') {
+            bail!(
+                "{flag} {s}: `?{options}`: options in a target's URL (set mode, `consistency-interval=`) are not in \
+                 this build yet (docs/CONSISTENCY.md); nothing was changed"
+            );
+        }
         let addr = rest
             .to_socket_addrs()
             .with_context(|| format!("{flag} {s}: not a HOST:PORT"))?
@@ -488,3 +494,15 @@ fn record_age(journal: &Journal<DirStorage>, lsn: Lsn) -> f64 {
 
 /// Shared for the status server.
 pub type SharedHub = Option<Arc<Hub<DirStorage>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_url_with_options_is_refused_by_name() {
+        let err = parse_target("tcp://127.0.0.1:7070?consistency-interval=5s").unwrap_err().to_string();
+        assert!(err.contains("consistency-interval") && err.contains("not in this build"), "{err}");
+        assert!(matches!(parse_target("tcp://127.0.0.1:7070").unwrap(), TargetUrl::Tcp { .. }));
+    }
+}
