@@ -57,8 +57,8 @@ sent, changing nothing.\n\n\
 Then: stop `ferryfs target` on the promoted node and mount its directory as the new primary, with its \
 state's log as the journal: `ferryfs mount MNT --backing <target --dir> --journal <target --state>/log`.\n\n\
 With several --target: every target is fenced, the bunker's records go to the most advanced one, the others \
-are leveled from its log (as `ferryfs catchup` does), and --promote (default: the first --target) is \
-promoted. Mount it with the other targets as its --target: they follow it without a full copy.\n\n\
+are leveled from its log, or by a block-level resync from it when they are behind its log (as `ferryfs \
+catchup` does), and --promote (default: the first --target) is promoted. Mount it with the other targets as its --target: they follow it without a full copy.\n\n\
 Exit status: 0 when the target is promoted (or already was), 1 on any refusal or error (nothing is \
 changed by a refusal before step 2).",
     after_help = "EXAMPLES:\n  ferryfs failover --bunker tcp://10.0.0.2:7301 --target tcp://10.1.0.9:7070 --dry-run\n  \

@@ -147,7 +147,7 @@ pub fn run(a: &FailoverArgs) -> Result<()> {
     }
     if leveled.behind.contains(&promote) {
         bail!(
-            "{promote} could not be leveled from records (see above): promote another target with --promote, or \
+            "{promote} could not be leveled, from records or blocks (see above): promote another target with --promote, or \
              resynchronize it; every target is fenced at epoch {epoch}, none is promoted"
         );
     }
