@@ -8,6 +8,7 @@ pub mod bunker;
 pub mod catchup;
 pub mod copies;
 pub mod failover;
+pub mod set_stage;
 pub mod target;
 #[cfg(test)]
 mod target_tests;

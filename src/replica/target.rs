@@ -1339,7 +1339,7 @@ pub enum StagedItem {
 }
 
 impl StagedItem {
-    fn encode(&self) -> Result<Vec<u8>, TargetError> {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, TargetError> {
         let ctl =
             |m: ControlMsg| crate::proto::wire::control::encode(&m).map_err(|e| TargetError::Protocol(e.to_string()));
         Ok(match self {
@@ -1364,7 +1364,7 @@ impl StagedItem {
         })
     }
 
-    fn decode(b: &[u8]) -> Result<StagedItem, TargetError> {
+    pub(crate) fn decode(b: &[u8]) -> Result<StagedItem, TargetError> {
         let bad = || TargetError::Protocol("a staged resync item does not decode".into());
         let (tag, rest) = b.split_first().ok_or_else(bad)?;
         match tag {
