@@ -1012,6 +1012,8 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
             st.limit = Lsn(resume);
             st.settled.clear();
             st.aborted.clear();
+            // Outcomes a tool told are about the log that was: it restarts here.
+            st.outcomes_below = Lsn(0);
             self.applied_next.store(resume, Ordering::Release);
         }
         fs::remove_file(self.state_dir.join(PENDING_FILE)).map_err(io_err("removing resync-pending"))?;
