@@ -917,9 +917,7 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         let path = self.state_dir.join(STAGING_FILE);
         let mut r = BufReader::with_capacity(1 << 20, File::open(&path).map_err(io_err("opening the staging file"))?);
         let mut head = [0u8; 8];
-        let mut parts = Vec::new();
-        let mut root_node = None;
-        let mut deferred: Vec<DeferredEntries> = Vec::new();
+        let mut staged = StagedApply::default();
         loop {
             match r.read_exact(&mut head) {
                 Ok(()) => {}
@@ -933,59 +931,10 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
                 return Err(TargetError::Protocol("the resync staging file is damaged (crc)".into()));
             }
             let item = StagedItem::decode(&bytes)?;
-            let r = {
-                let mut a = self.applier.lock().unwrap();
-                match item {
-                    StagedItem::Entries { dir, entries, last } => {
-                        parts.extend(entries);
-                        if !last {
-                            continue;
-                        }
-                        let list = std::mem::take(&mut parts);
-                        match a.apply_entries(FileId(dir), &list) {
-                            // A directory the target has not made yet: its parent's entries,
-                            // later in the resync, will make it (a directory moved under a
-                            // newer one on the primary). Tried again once those are applied.
-                            Ok(Applied::Skipped(_)) => {
-                                deferred.push((FileId(dir), list));
-                                Ok(Applied::Already)
-                            }
-                            r => r,
-                        }
-                    }
-                    other if !deferred.is_empty() => {
-                        Self::retry_deferred(&mut a, &mut deferred, |r| self.note(r))?;
-                        match other {
-                            StagedItem::Node(n) => {
-                                if n.id == FileId::ROOT.0 {
-                                    root_node = Some(n.clone());
-                                }
-                                a.apply_node(&n)
-                            }
-                            StagedItem::Data { file, offset, data } => a.apply_write(FileId(file), offset, &data),
-                            StagedItem::Entries { .. } => unreachable!("matched above"),
-                        }
-                    }
-                    StagedItem::Node(n) => {
-                        if n.id == FileId::ROOT.0 {
-                            root_node = Some(n.clone());
-                        }
-                        a.apply_node(&n)
-                    }
-                    StagedItem::Data { file, offset, data } => a.apply_write(FileId(file), offset, &data),
-                }
-            };
-            self.note(r)?;
-        }
-        {
             let mut a = self.applier.lock().unwrap();
-            Self::retry_deferred(&mut a, &mut deferred, |r| self.note(r))?;
-            a.finish_resync()?;
-            // Emptying the stash changed the root's mtime after its node was applied.
-            if let Some(n) = root_node {
-                self.note(a.apply_node(&n))?;
-            }
+            staged.item(&mut a, item, |r| self.note(r))?;
         }
+        staged.finish(&mut self.applier.lock().unwrap(), |r| self.note(r))?;
         let next_file_id = {
             let a = self.applier.lock().unwrap();
             a.tree().sync_all().map_err(io_err("syncing the target directory"))?;
@@ -1025,33 +974,6 @@ impl<S: Storage, T: Tree> TargetCore<S, T> {
         }
         let _ = fs::remove_file(&path);
         self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Applies the directories whose entries were deferred, as often as any of them makes
-    /// progress (each applied one may make another's directory exist).
-    fn retry_deferred(
-        a: &mut Applier<T>,
-        deferred: &mut Vec<DeferredEntries>,
-        note: impl Fn(Result<Applied, ApplyError>) -> Result<(), TargetError>,
-    ) -> Result<(), TargetError> {
-        loop {
-            let before = deferred.len();
-            let mut left = Vec::new();
-            for (dir, list) in deferred.drain(..) {
-                match a.apply_entries(dir, &list) {
-                    Ok(Applied::Skipped(_)) => left.push((dir, list)),
-                    r => note(r)?,
-                }
-            }
-            *deferred = left;
-            if deferred.is_empty() || deferred.len() == before {
-                break;
-            }
-        }
-        for (dir, _) in deferred.drain(..) {
-            tracing::debug!("resync: directory {dir} is in no directory of the resync; skipped");
-        }
         Ok(())
     }
 
@@ -1322,6 +1244,102 @@ fn read_mixed_until(state_dir: &Path) -> Result<u64, TargetError> {
 
 /// A directory's entries waiting for the directory to exist.
 type DeferredEntries = (FileId, Vec<(Vec<u8>, NodeDesc)>);
+
+/// Applies staged items in their order, as a resync's staging holds them (and a consistent
+/// set's will): a directory's entries once its last part is in, deferring a directory the
+/// target has not made yet until its parent's entries make it; then the stash emptied and the
+/// root's node applied again (emptying the stash changed its mtime).
+#[derive(Default)]
+pub(crate) struct StagedApply {
+    parts: Vec<(Vec<u8>, NodeDesc)>,
+    root_node: Option<NodeDesc>,
+    deferred: Vec<DeferredEntries>,
+}
+
+impl StagedApply {
+    pub(crate) fn item<T: Tree>(
+        &mut self,
+        a: &mut Applier<T>,
+        item: StagedItem,
+        note: impl Fn(Result<Applied, ApplyError>) -> Result<(), TargetError>,
+    ) -> Result<(), TargetError> {
+        let r = match item {
+            StagedItem::Entries { dir, entries, last } => {
+                self.parts.extend(entries);
+                if !last {
+                    return Ok(());
+                }
+                let list = std::mem::take(&mut self.parts);
+                match a.apply_entries(FileId(dir), &list) {
+                    // A directory the target has not made yet: its parent's entries, later in
+                    // the resync, will make it (a directory moved under a newer one on the
+                    // primary). Tried again once those are applied.
+                    Ok(Applied::Skipped(_)) => {
+                        self.deferred.push((FileId(dir), list));
+                        Ok(Applied::Already)
+                    }
+                    r => r,
+                }
+            }
+            other => {
+                if !self.deferred.is_empty() {
+                    retry_deferred(a, &mut self.deferred, &note)?;
+                }
+                match other {
+                    StagedItem::Node(n) => {
+                        if n.id == FileId::ROOT.0 {
+                            self.root_node = Some(n.clone());
+                        }
+                        a.apply_node(&n)
+                    }
+                    StagedItem::Data { file, offset, data } => a.apply_write(FileId(file), offset, &data),
+                    StagedItem::Entries { .. } => unreachable!("matched above"),
+                }
+            }
+        };
+        note(r)
+    }
+
+    pub(crate) fn finish<T: Tree>(
+        mut self,
+        a: &mut Applier<T>,
+        note: impl Fn(Result<Applied, ApplyError>) -> Result<(), TargetError>,
+    ) -> Result<(), TargetError> {
+        retry_deferred(a, &mut self.deferred, &note)?;
+        a.finish_resync()?;
+        if let Some(n) = self.root_node {
+            note(a.apply_node(&n))?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies the directories whose entries were deferred, as often as any of them makes
+/// progress (each applied one may make another's directory exist).
+fn retry_deferred<T: Tree>(
+    a: &mut Applier<T>,
+    deferred: &mut Vec<DeferredEntries>,
+    note: impl Fn(Result<Applied, ApplyError>) -> Result<(), TargetError>,
+) -> Result<(), TargetError> {
+    loop {
+        let before = deferred.len();
+        let mut left = Vec::new();
+        for (dir, list) in deferred.drain(..) {
+            match a.apply_entries(dir, &list) {
+                Ok(Applied::Skipped(_)) => left.push((dir, list)),
+                r => note(r)?,
+            }
+        }
+        *deferred = left;
+        if deferred.is_empty() || deferred.len() == before {
+            break;
+        }
+    }
+    for (dir, _) in deferred.drain(..) {
+        tracing::debug!("resync: directory {dir} is in no directory of the resync; skipped");
+    }
+    Ok(())
+}
 
 /// One staged resync item.
 #[derive(Clone, Debug, PartialEq, Eq)]
