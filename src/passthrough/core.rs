@@ -48,11 +48,14 @@ pub trait Marks: Send + Sync {
 pub struct CoreConfig {
     /// Stripes of per-file locks: writes to one file are journaled and applied in one order.
     pub file_lock_stripes: usize,
+    /// A set-mode target needs swaps (`Core::swap`): every mutation then enters the gate. Off,
+    /// mutations take no gate at all (the write path of a mount without set mode is unchanged).
+    pub sets_gate: bool,
 }
 
 impl Default for CoreConfig {
     fn default() -> Self {
-        CoreConfig { file_lock_stripes: 64 }
+        CoreConfig { file_lock_stripes: 64, sets_gate: false }
     }
 }
 
@@ -73,8 +76,9 @@ pub struct Core<S: Storage, T: Tree> {
     marks: std::sync::OnceLock<Arc<dyn Marks>>,
     /// Every mutation holds it shared from its first record to its marks; a swap of consistent
     /// sets takes it exclusively (`swap`): new mutations wait, those in flight end first
-    /// (claims 004:1–2). Taken before any other lock of the core.
-    gate: RwLock<()>,
+    /// (claims 004:1–2). Taken before any other lock of the core. `None` without set mode
+    /// (`CoreConfig::sets_gate`).
+    gate: Option<RwLock<()>>,
 }
 
 impl<S: Storage, T: Tree> Core<S, T> {
@@ -110,7 +114,7 @@ impl<S: Storage, T: Tree> Core<S, T> {
             root_handle,
             set_id,
             marks: std::sync::OnceLock::new(),
-            gate: RwLock::new(()),
+            gate: config.sets_gate.then(|| RwLock::new(())),
         })
     }
 
@@ -118,16 +122,17 @@ impl<S: Storage, T: Tree> Core<S, T> {
     /// holding new ones back, runs `swap` (which must only move maps: nothing slow), and lets
     /// them go. Returns how long mutations were held: from asking for the gate to releasing it.
     pub fn swap(&self, swap: impl FnOnce()) -> std::time::Duration {
+        let gate = self.gate.as_ref().expect("a swap needs the gate (CoreConfig::sets_gate)");
         let asked = std::time::Instant::now();
-        let held = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let held = gate.write().unwrap_or_else(|e| e.into_inner());
         swap();
         drop(held);
         asked.elapsed()
     }
 
     /// Entered by every mutation first (see `gate`).
-    fn enter(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    fn enter(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        self.gate.as_ref().map(|g| g.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Replication: every change from now on marks `marks` before its transaction ends.

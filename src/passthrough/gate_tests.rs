@@ -18,7 +18,7 @@ fn core(tree: SimTree) -> Arc<Core<SimStorage, SimTree>> {
     let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
     let opened = recovery::create(SimStorage::new(), g, crate::sim::crash::new_superblock()).unwrap();
     let ids = IdTable::from_snapshot(opened.ids.snapshot());
-    Arc::new(Core::new(opened.journal, tree, ids, CoreConfig::default()).unwrap())
+    Arc::new(Core::new(opened.journal, tree, ids, CoreConfig { sets_gate: true, ..CoreConfig::default() }).unwrap())
 }
 
 const FILE: NewNode<'static> = NewNode { kind: NodeKind::File, mode: 0o644, uid: 0, gid: 0, rdev: 0, target: b"" };
@@ -130,4 +130,16 @@ fn a_swap_waits_for_the_mutation_in_flight_and_holds_new_ones() {
     n.join().unwrap();
     assert_eq!(*order.lock().unwrap(), vec!["write in flight ends", "swap", "new mutation"]);
     assert!(held >= Duration::from_millis(50), "the hold counts from asking for the gate: {held:?}");
+}
+
+/// Without set mode the core takes no gate at all, so a swap has nothing to hold mutations
+/// with: asking for one is a programming error, not a silent swap that holds nothing.
+#[test]
+#[should_panic(expected = "a swap needs the gate")]
+fn a_swap_without_the_gate_is_refused() {
+    let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
+    let opened = recovery::create(SimStorage::new(), g, crate::sim::crash::new_superblock()).unwrap();
+    let ids = IdTable::from_snapshot(opened.ids.snapshot());
+    let c = Core::new(opened.journal, SimTree::new(), ids, CoreConfig::default()).unwrap();
+    c.swap(|| {});
 }

@@ -8,7 +8,9 @@ pub mod bunker;
 pub mod catchup;
 pub mod copies;
 pub mod failover;
+pub mod frames;
 pub mod set_stage;
+pub mod staged;
 pub mod target;
 #[cfg(test)]
 mod target_tests;

@@ -33,13 +33,16 @@ use std::sync::{Arc, Mutex};
 
 use super::apply::{Applied, Applier, ApplyError};
 use super::blocks;
+pub use super::frames::FrameHandler;
+use super::staged::StagedApply;
+pub use super::staged::StagedItem;
 use crate::format::ids::IdSnapshot;
 use crate::format::ops::Op;
 use crate::format::record::{self, HEADER_SIZE, Kind};
 use crate::format::superblock::Superblock;
 use crate::io::{Storage, Tree};
 use crate::journal::{self, Journal, JournalError, JournalGeometry, LogCursor, Retention, Settled};
-use crate::proto::wire::control::{ControlMsg, NodeDesc};
+use crate::proto::wire::control::ControlMsg;
 use crate::types::{FileId, Lsn};
 
 pub const IDS_FILE: &str = "ids";
@@ -1038,103 +1041,6 @@ pub fn read_promotion<S: Storage>(storage: &S) -> Result<Option<Promotion>, Targ
     }
 }
 
-/// What a target does with one frame from its primary, whatever carries it (tokio in
-/// `net::target`, a local call for `--target DIR`, the simulated network): the replies to
-/// send back. An error closes the connection; nothing of the frame was kept.
-pub struct FrameHandler {
-    /// A directory's entries come in parts; no other directory's may begin meanwhile.
-    entries_dir: Option<u64>,
-    /// Replies that go out before the one `control` returns (a long `DirtyMap`).
-    pending: Vec<ControlMsg>,
-}
-
-impl Default for FrameHandler {
-    fn default() -> Self {
-        FrameHandler::new()
-    }
-}
-
-impl FrameHandler {
-    pub fn new() -> FrameHandler {
-        FrameHandler { entries_dir: None, pending: Vec::new() }
-    }
-
-    pub fn handle<S: Storage, T: Tree>(
-        &mut self,
-        core: &TargetCore<S, T>,
-        frame: crate::proto::wire::Frame,
-    ) -> Result<Vec<crate::proto::wire::Frame>, String> {
-        use crate::proto::wire::Frame;
-        let e = |e: TargetError| e.to_string();
-        match frame {
-            Frame::Records(body) => Ok(vec![Frame::Ack(core.receive(&body).map_err(e)?)]),
-            Frame::Heartbeat => Ok(vec![Frame::Heartbeat]),
-            Frame::Ack(_) => Err("a primary sent an ack".into()),
-            Frame::Data { file, offset, data } => {
-                core.resync_item(&StagedItem::Data { file, offset, data }).map_err(e)?;
-                Ok(Vec::new())
-            }
-            Frame::Control(msg) => {
-                let last = self.control(core, msg)?;
-                Ok(self.pending.drain(..).chain(last).map(Frame::Control).collect())
-            }
-        }
-    }
-
-    fn control<S: Storage, T: Tree>(
-        &mut self,
-        core: &TargetCore<S, T>,
-        msg: ControlMsg,
-    ) -> Result<Option<ControlMsg>, String> {
-        let e = |e: TargetError| e.to_string();
-        match msg {
-            ControlMsg::Settled { settled_below, records_below } => {
-                core.settled(Settled { settled_below: Lsn(settled_below), records_below: Lsn(records_below) });
-                Ok(None)
-            }
-            ControlMsg::ResyncBegin { plan, resume_lsn, full } => {
-                tracing::info!("resync {plan} begins (full: {full}); the log continues at {resume_lsn} after it");
-                core.resync_begin(plan, resume_lsn).map_err(e)?;
-                Ok(None)
-            }
-            ControlMsg::ResyncEntries { dir, entries, last } => {
-                if let Some(d) = self.entries_dir.filter(|d| *d != dir) {
-                    return Err(format!("entries of directory {dir} began before those of {d} ended"));
-                }
-                self.entries_dir = if last { None } else { Some(dir) };
-                core.resync_item(&StagedItem::Entries { dir, entries, last }).map_err(e)?;
-                Ok(None)
-            }
-            ControlMsg::ResyncNode { node } => {
-                core.resync_item(&StagedItem::Node(node)).map_err(e)?;
-                Ok(None)
-            }
-            ControlMsg::ResyncRead { plan, read_end_lsn } => {
-                core.resync_read(plan, read_end_lsn).map_err(e)?;
-                Ok(None)
-            }
-            ControlMsg::ResyncEnd { plan } => {
-                core.resync_end(plan).map_err(e)?;
-                Ok(Some(ControlMsg::ResyncDone { plan }))
-            }
-            ControlMsg::StatusRequest => Ok(Some(core.status_msg())),
-            ControlMsg::Watermark { all_acked_lsn } => {
-                core.watermark(all_acked_lsn);
-                Ok(Some(core.log_info(true)))
-            }
-            ControlMsg::ForkPoint { fork_lsn } => {
-                let mut msgs = core.dirty_since(fork_lsn).map_err(e)?;
-                // All but the last go out now; the caller sends the returned one last.
-                let last = msgs.pop();
-                self.pending.extend(msgs);
-                Ok(last)
-            }
-            ControlMsg::Bye { reason } => Err(format!("the primary said goodbye: {reason}")),
-            other => Err(format!("unexpected control message from a primary: {other:?}")),
-        }
-    }
-}
-
 /// The part of a block of whole records (checked) that begins with record `lsn`.
 fn records_from(body: &[u8], lsn: Lsn) -> Result<&[u8], TargetError> {
     let mut at = 0;
@@ -1239,166 +1145,5 @@ fn read_mixed_until(state_dir: &Path) -> Result<u64, TargetError> {
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
-    }
-}
-
-/// A directory's entries waiting for the directory to exist.
-type DeferredEntries = (FileId, Vec<(Vec<u8>, NodeDesc)>);
-
-/// Applies staged items in their order, as a resync's staging holds them (and a consistent
-/// set's will): a directory's entries once its last part is in, deferring a directory the
-/// target has not made yet until its parent's entries make it; then the stash emptied and the
-/// root's node applied again (emptying the stash changed its mtime).
-#[derive(Default)]
-pub(crate) struct StagedApply {
-    parts: Vec<(Vec<u8>, NodeDesc)>,
-    root_node: Option<NodeDesc>,
-    deferred: Vec<DeferredEntries>,
-}
-
-impl StagedApply {
-    pub(crate) fn item<T: Tree>(
-        &mut self,
-        a: &mut Applier<T>,
-        item: StagedItem,
-        note: impl Fn(Result<Applied, ApplyError>) -> Result<(), TargetError>,
-    ) -> Result<(), TargetError> {
-        let r = match item {
-            StagedItem::Entries { dir, entries, last } => {
-                self.parts.extend(entries);
-                if !last {
-                    return Ok(());
-                }
-                let list = std::mem::take(&mut self.parts);
-                match a.apply_entries(FileId(dir), &list) {
-                    // A directory the target has not made yet: its parent's entries, later in
-                    // the resync, will make it (a directory moved under a newer one on the
-                    // primary). Tried again once those are applied.
-                    Ok(Applied::Skipped(_)) => {
-                        self.deferred.push((FileId(dir), list));
-                        Ok(Applied::Already)
-                    }
-                    r => r,
-                }
-            }
-            other => {
-                if !self.deferred.is_empty() {
-                    retry_deferred(a, &mut self.deferred, &note)?;
-                }
-                match other {
-                    StagedItem::Node(n) => {
-                        if n.id == FileId::ROOT.0 {
-                            self.root_node = Some(n.clone());
-                        }
-                        a.apply_node(&n)
-                    }
-                    StagedItem::Data { file, offset, data } => a.apply_write(FileId(file), offset, &data),
-                    StagedItem::Entries { .. } => unreachable!("matched above"),
-                }
-            }
-        };
-        note(r)
-    }
-
-    pub(crate) fn finish<T: Tree>(
-        mut self,
-        a: &mut Applier<T>,
-        note: impl Fn(Result<Applied, ApplyError>) -> Result<(), TargetError>,
-    ) -> Result<(), TargetError> {
-        retry_deferred(a, &mut self.deferred, &note)?;
-        a.finish_resync()?;
-        if let Some(n) = self.root_node {
-            note(a.apply_node(&n))?;
-        }
-        Ok(())
-    }
-}
-
-/// Applies the directories whose entries were deferred, as often as any of them makes
-/// progress (each applied one may make another's directory exist).
-fn retry_deferred<T: Tree>(
-    a: &mut Applier<T>,
-    deferred: &mut Vec<DeferredEntries>,
-    note: impl Fn(Result<Applied, ApplyError>) -> Result<(), TargetError>,
-) -> Result<(), TargetError> {
-    loop {
-        let before = deferred.len();
-        let mut left = Vec::new();
-        for (dir, list) in deferred.drain(..) {
-            match a.apply_entries(dir, &list) {
-                Ok(Applied::Skipped(_)) => left.push((dir, list)),
-                r => note(r)?,
-            }
-        }
-        *deferred = left;
-        if deferred.is_empty() || deferred.len() == before {
-            break;
-        }
-    }
-    for (dir, _) in deferred.drain(..) {
-        tracing::debug!("resync: directory {dir} is in no directory of the resync; skipped");
-    }
-    Ok(())
-}
-
-/// One staged resync item.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StagedItem {
-    /// One part of a directory's entries; the directory is reconciled once its `last` part is in.
-    Entries {
-        dir: u64,
-        entries: Vec<(Vec<u8>, NodeDesc)>,
-        last: bool,
-    },
-    Node(NodeDesc),
-    Data {
-        file: u64,
-        offset: u64,
-        data: Vec<u8>,
-    },
-}
-
-impl StagedItem {
-    pub(crate) fn encode(&self) -> Result<Vec<u8>, TargetError> {
-        let ctl =
-            |m: ControlMsg| crate::proto::wire::control::encode(&m).map_err(|e| TargetError::Protocol(e.to_string()));
-        Ok(match self {
-            StagedItem::Entries { dir, entries, last } => {
-                let mut v = vec![1u8];
-                v.extend(ctl(ControlMsg::ResyncEntries { dir: *dir, entries: entries.clone(), last: *last })?);
-                v
-            }
-            StagedItem::Node(n) => {
-                let mut v = vec![2u8];
-                v.extend(ctl(ControlMsg::ResyncNode { node: n.clone() })?);
-                v
-            }
-            StagedItem::Data { file, offset, data } => {
-                let mut v = Vec::with_capacity(17 + data.len());
-                v.push(3u8);
-                v.extend_from_slice(&file.to_le_bytes());
-                v.extend_from_slice(&offset.to_le_bytes());
-                v.extend_from_slice(data);
-                v
-            }
-        })
-    }
-
-    pub(crate) fn decode(b: &[u8]) -> Result<StagedItem, TargetError> {
-        let bad = || TargetError::Protocol("a staged resync item does not decode".into());
-        let (tag, rest) = b.split_first().ok_or_else(bad)?;
-        match tag {
-            1 | 2 => match crate::proto::wire::control::decode(rest).map_err(|_| bad())? {
-                ControlMsg::ResyncEntries { dir, entries, last } => Ok(StagedItem::Entries { dir, entries, last }),
-                ControlMsg::ResyncNode { node } => Ok(StagedItem::Node(node)),
-                _ => Err(bad()),
-            },
-            3 if rest.len() >= 16 => Ok(StagedItem::Data {
-                file: u64::from_le_bytes(rest[..8].try_into().unwrap()),
-                offset: u64::from_le_bytes(rest[8..16].try_into().unwrap()),
-                data: rest[16..].to_vec(),
-            }),
-            _ => Err(bad()),
-        }
     }
 }

@@ -694,8 +694,15 @@ mod tests {
         let g = JournalGeometry { segment_size: 1 << 20, segment_count: 4 };
         let opened = recovery::create(SimStorage::new(), g, crate::sim::crash::new_superblock()).unwrap();
         let ids = IdTable::from_snapshot(opened.ids.snapshot());
-        let core =
-            Arc::new(Core::new(opened.journal, OsTree::open(dir.path()).unwrap(), ids, CoreConfig::default()).unwrap());
+        let core = Arc::new(
+            Core::new(
+                opened.journal,
+                OsTree::open(dir.path()).unwrap(),
+                ids,
+                CoreConfig { sets_gate: true, ..CoreConfig::default() },
+            )
+            .unwrap(),
+        );
         let hub = Hub::new(core.journal.clone(), vec![("tcp://t:1".into(), Lsn(0), SyncMap::new_in_sync(Lsn(1)))]);
         let sets = Arc::new(SetLink::new(Duration::from_secs(5), 1 << 20));
         assert!(hub.links[0].sets.set(sets.clone()).is_ok());

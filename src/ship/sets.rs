@@ -79,19 +79,6 @@ impl Blocks {
         true
     }
 
-    /// The blocks of `file` in `from..below`, in order.
-    pub fn of_file_in(&self, file: FileId, from: u64, below: u64) -> Vec<u64> {
-        let Some(ranges) = self.files.get(&file) else { return Vec::new() };
-        let mut out = Vec::new();
-        for (&first, &last) in ranges.range(..below) {
-            if last < from {
-                continue;
-            }
-            out.extend(first.max(from)..=last.min(below.saturating_sub(1)));
-        }
-        out
-    }
-
     /// The first block of `file` at or past `from`.
     pub fn next_from(&self, file: FileId, from: u64) -> Option<u64> {
         let ranges = self.files.get(&file)?;
@@ -126,10 +113,6 @@ impl Blocks {
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
     }
-
-    pub fn count(&self) -> u64 {
-        self.files.values().flat_map(|r| r.iter()).map(|(f, l)| l - f + 1).sum()
-    }
 }
 
 /// Locations marked: blocks, directories whose entries changed, objects whose attributes did.
@@ -141,10 +124,6 @@ pub struct Marked {
 }
 
 impl Marked {
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty() && self.entries.is_empty() && self.attrs.is_empty()
-    }
-
     /// The locations of a sync map's resync plan.
     pub fn from_plan(plan: &ResyncPlan) -> Marked {
         let mut m = Marked::default();
@@ -160,17 +139,6 @@ impl Marked {
             }
         }
         m
-    }
-
-    /// Adds every location of `other`.
-    pub fn add(&mut self, other: &Marked) {
-        for (file, ranges) in &other.blocks.files {
-            for (&first, &last) in ranges {
-                self.blocks.insert(*file, first, last);
-            }
-        }
-        self.entries.extend(other.entries.iter().copied());
-        self.attrs.extend(other.attrs.iter().copied());
     }
 }
 
